@@ -1,0 +1,1 @@
+"""The DICOM node: networking, storage, jobs, scheduler and command line."""

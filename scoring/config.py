@@ -1,0 +1,53 @@
+"""Scoring parameters and protocol policies, as frozen settings objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Policy = Literal["flag", "refuse"]
+
+#: Agatston threshold in HU, inclusive. Also the model's candidate-mask threshold.
+CALCIUM_THRESHOLD_HU = 130.0
+
+#: Mass calibration factor in mg HA per cm³ per HU used when the series does not
+#: carry Calcium Scoring Mass Factor Device (0018,9352). A mass computed with it
+#: is flagged as uncalibrated. 0.743 mg/cm³/HU is the value commonly quoted for
+#: 120 kVp (about 1 mg HA/cm³ per 1.34 HU of water-equivalent attenuation).
+DEFAULT_MASS_CALIBRATION_FACTOR = 0.743
+
+
+@dataclass(frozen=True)
+class ProtocolPolicy:
+    """What to do when an acquisition deviates from the calcium-scoring protocol.
+
+    kvp: kVp other than 120 (default "flag").
+    thickness: slice thickness or increment outside 2.5–3.0 mm (default "flag").
+    contrast: a contrast agent recorded in the Contrast/Bolus module (default "refuse").
+    body_part: BodyPartExamined neither chest nor heart (default "flag").
+    """
+
+    kvp: Policy = "flag"
+    thickness: Policy = "flag"
+    contrast: Policy = "refuse"
+    body_part: Policy = "flag"
+
+
+@dataclass(frozen=True)
+class ScoringParameters:
+    """Agatston, volume and mass parameters.
+
+    threshold_hu: inclusive HU threshold for calcium (default 130).
+    minimum_lesion_area_mm2: inclusive minimum 2D lesion area (default 1.0 mm²).
+    minimum_lesion_volume_mm3: inclusive minimum 3D lesion volume for the lesion
+        list (default 1.5 mm³).
+    reference_increment_mm: slice increment of the classic Agatston score (default 3.0 mm).
+    mass_calibration_factor: mg HA per cm³ per HU when the series carries none
+        (default 0.743).
+    """
+
+    threshold_hu: float = CALCIUM_THRESHOLD_HU
+    minimum_lesion_area_mm2: float = 1.0
+    minimum_lesion_volume_mm3: float = 1.5
+    reference_increment_mm: float = 3.0
+    mass_calibration_factor: float = DEFAULT_MASS_CALIBRATION_FACTOR

@@ -1,0 +1,37 @@
+"""Exceptions raised when a CT series cannot be loaded or scored.
+
+Every message names the offending values and says what to do, because the
+node shows it verbatim on a refused job.
+"""
+
+
+class SeriesError(ValueError):
+    """Base class: the input cannot be turned into a scoreable CT volume."""
+
+
+class NoEligibleSeriesError(SeriesError):
+    """No CT Image Storage series with axial slices was found in the input."""
+
+
+class AmbiguousSeriesError(SeriesError):
+    """Several eligible series were found and no selection rule picks one."""
+
+
+class InconsistentGeometryError(SeriesError):
+    """Slices disagree on rows, columns, orientation or pixel spacing."""
+
+
+class SliceSpacingError(SeriesError):
+    """Slice positions have a gap, are duplicated, or step off the slice normal (gantry tilt)."""
+
+
+class PixelDataError(SeriesError):
+    """Pixel data is missing, cannot be decoded, lacks rescale values, or is lossy compressed."""
+
+
+class ProtocolRefusedError(SeriesError):
+    """The acquisition breaks a protocol rule whose policy is "refuse" (contrast, kVp, thickness)."""
+
+
+class LabelError(ValueError):
+    """A label map or SEG does not match the series it should describe."""
