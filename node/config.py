@@ -1,0 +1,496 @@
+"""Settings of the node, loaded from `node.toml` into typed, frozen objects.
+
+`load_settings` validates the whole file and raises `ConfigError` listing every
+problem at once, so an operator fixes the file in one pass. Nothing is silently
+replaced by a default: a key that is present must hold a valid value, and a key
+that is unknown is an error (it is usually a typo of a real key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scoring.config import DEFAULT_MASS_CALIBRATION_FACTOR, ProtocolPolicy, ScoringParameters
+
+#: Output kinds a destination can receive: the CAC SEG, the coronary artery
+#: region SEG, the TID 1500 SR and the summary Secondary Capture image.
+OUTPUT_KINDS: frozenset[str] = frozenset({"seg", "region_seg", "sr", "summary"})
+
+#: Maximum length of an AE title (PS3.5 Table 6.2-1, VR AE).
+AE_TITLE_MAX_LENGTH = 16
+
+#: Longest UID root accepted, so that at least 24 digits of a 64-character UID
+#: (PS3.5 section 9.1) are left for the unique part that pydicom appends.
+UID_ROOT_MAX_LENGTH = 40
+
+_UID_ROOT_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+_HOST_NAME_PATTERN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
+_MAX_PDU_LIMIT = 2**32 - 1
+_MIN_PDU_SIZE = 4096
+
+
+class ConfigError(ValueError):
+    """`node.toml` is missing, unreadable or contains invalid values.
+
+    problems: one sentence per problem, each naming the key, the value found,
+        what is allowed and how to fix it.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in the node settings:\n{lines}")
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """The `[node]` table: how the node listens and identifies itself.
+
+    ae_title: called AE title this node answers to (default "CACS_NODE").
+    bind_address: address the Storage SCP listens on (default "0.0.0.0").
+    port: TCP port of the SCP (default 11112).
+    max_associations: associations served at once; one more is rejected with
+        (2, 3, 2) (default 10).
+    acse_timeout_s, dimse_timeout_s, network_timeout_s: pynetdicom timeouts in
+        seconds (defaults 30, 60, 60).
+    max_pdu_size: maximum PDU length received, bytes, 0 for unlimited (default 16382).
+    uid_root: root of the UIDs of the objects the node creates, ending with "."
+        (default pydicom's root "1.2.826.0.1.3680043.8.498.").
+    accept_unknown_peers: accept calling AE titles that are not in [[peers]]
+        (default false).
+    log_patient_identifiers: allow PatientName and PatientID in log lines
+        (default false).
+    """
+
+    ae_title: str = "CACS_NODE"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu_size: int = 16382
+    uid_root: str = "1.2.826.0.1.3680043.8.498."
+    accept_unknown_peers: bool = False
+    log_patient_identifiers: bool = False
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One `[[peers]]` entry: a calling AE title allowed from one host."""
+
+    ae_title: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One `[[destinations]]` entry: a Storage SCP that receives the node's outputs.
+
+    outputs: subset of OUTPUT_KINDS sent there (default seg, sr, summary).
+    max_attempts: association attempts before a send counts as failed (default 5).
+    retry_backoff_s: wait before the second attempt, doubled after each failure
+        (default 10 s).
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    outputs: frozenset[str] = frozenset({"seg", "sr", "summary"})
+    max_attempts: int = 5
+    retry_backoff_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """The `[storage]` table.
+
+    root: folder holding received instances, outputs and the job database
+        (default /var/lib/cacs-node). A relative path is resolved against the
+        folder of the settings file.
+    min_free_space_mb: free space, in MiB, below which C-STORE requests are
+        answered 0xA700 Out of Resources (default 1024).
+    """
+
+    root: Path = Path("/var/lib/cacs-node")
+    min_free_space_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class ScoringSection:
+    """The `[scoring]` table.
+
+    model_path: model file, None for the model shipped in scoring/models/
+        (default "" in the file, meaning None).
+    device: "auto", "cpu", "cuda" or "cuda:N" (default "auto").
+    quiet_period_s: seconds without a new instance after which a series counts
+        as complete (default 30).
+    kvp_policy, thickness_policy, contrast_policy, body_part_policy: "flag" or
+        "refuse" (defaults flag, flag, refuse, flag).
+    mass_calibration_factor: mg HA per cm³ per HU when the series carries none
+        (default 0.743).
+    write_region_seg: also write the coronary artery region SEG (default false).
+    """
+
+    model_path: Path | None = None
+    device: str = "auto"
+    quiet_period_s: float = 30.0
+    kvp_policy: str = "flag"
+    thickness_policy: str = "flag"
+    contrast_policy: str = "refuse"
+    body_part_policy: str = "flag"
+    mass_calibration_factor: float = DEFAULT_MASS_CALIBRATION_FACTOR
+    write_region_seg: bool = False
+
+    def protocol_policy(self) -> ProtocolPolicy:
+        """Build the ProtocolPolicy that `scoring.series.load_series` applies."""
+        return ProtocolPolicy(
+            kvp=self.kvp_policy,  # type: ignore[arg-type]
+            thickness=self.thickness_policy,  # type: ignore[arg-type]
+            contrast=self.contrast_policy,  # type: ignore[arg-type]
+            body_part=self.body_part_policy,  # type: ignore[arg-type]
+        )
+
+    def scoring_parameters(self) -> ScoringParameters:
+        """Build ScoringParameters with this section's mass calibration factor."""
+        return ScoringParameters(mass_calibration_factor=self.mass_calibration_factor)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """All settings of one node; built by `load_settings` or directly in tests."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    peers: tuple[Peer, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    storage: StorageSection = field(default_factory=StorageSection)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+
+
+def load_settings(path: str | Path) -> NodeSettings:
+    """Read and validate a `node.toml` file.
+
+    Parameters:
+        path: the settings file. Relative paths inside it (storage root,
+            model path) are resolved against its folder.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid TOML, or contains one or
+            more invalid values; `problems` lists all of them.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            str(path),
+            [f"cannot read the settings file ({error.strerror}); check the path given with --config"],
+        ) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [f"the file is not UTF-8 text ({error}); save it as UTF-8"]) from error
+    return parse_settings(text, base_dir=path.resolve().parent, source=str(path))
+
+
+def parse_settings(text: str, *, base_dir: Path, source: str = "node.toml") -> NodeSettings:
+    """Validate the TOML text of a settings file; see `load_settings`.
+
+    base_dir: folder against which relative paths are resolved.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, [f"the file is not valid TOML: {error}; fix the syntax at that line"]) from error
+    return _Validator(data, base_dir, source).settings()
+
+
+class _Validator:
+    """Collects every problem in one pass over the parsed TOML document."""
+
+    def __init__(self, data: dict[str, Any], base_dir: Path, source: str) -> None:
+        self.data = data
+        self.base_dir = base_dir
+        self.source = source
+        self.problems: list[str] = []
+
+    def settings(self) -> NodeSettings:
+        self._check_keys("", self.data, {"node", "peers", "destinations", "storage", "scoring"})
+        node = self._node_section(self._table("node"))
+        peers = self._peers(self._array_of_tables("peers"))
+        destinations = self._destinations(self._array_of_tables("destinations"))
+        storage = self._storage_section(self._table("storage"))
+        scoring = self._scoring_section(self._table("scoring"))
+        if self.problems:
+            raise ConfigError(self.source, self.problems)
+        return NodeSettings(node=node, peers=peers, destinations=destinations, storage=storage, scoring=scoring)
+
+    # Structure.
+
+    def _table(self, name: str) -> dict[str, Any]:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"[{name}] must be a table, found {type(value).__name__}; write it as a [{name}] section")
+            return {}
+        return value
+
+    def _array_of_tables(self, name: str) -> list[dict[str, Any]]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            self.problems.append(f"{name} must be an array of tables; write each entry as a [[{name}]] section")
+            return []
+        return value
+
+    def _check_keys(self, where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                self.problems.append(
+                    f"{where}{key}: unknown key; allowed keys here are {', '.join(sorted(allowed))}; "
+                    "remove it or correct its spelling"
+                )
+
+    # Typed values. Each returns the default after recording a problem, so the
+    # remaining keys are still checked.
+
+    def _value(self, where: str, table: Mapping[str, Any], key: str, default: Any, kind: str) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        checks: dict[str, Callable[[Any], bool]] = {
+            "str": lambda v: isinstance(v, str),
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool),
+        }
+        if not checks[kind](value):
+            expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[kind]
+            self.problems.append(f"{where}{key} = {value!r}: expected {expected}")
+            return default
+        return float(value) if kind == "float" else value
+
+    def _ae_title(self, where: str, key: str, value: str) -> str:
+        title = value.strip(" ")
+        if not title:
+            self.problems.append(f"{where}{key} = {value!r}: an AE title must not be empty or only spaces")
+        elif len(title) > AE_TITLE_MAX_LENGTH:
+            self.problems.append(
+                f"{where}{key} = {value!r}: {len(title)} characters, an AE title has at most "
+                f"{AE_TITLE_MAX_LENGTH}; shorten it"
+            )
+        elif any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
+            self.problems.append(
+                f"{where}{key} = {value!r}: an AE title may contain only printable ASCII characters "
+                "without backslash (PS3.5 VR AE); remove the other characters"
+            )
+        return title
+
+    def _host(self, where: str, key: str, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not _HOST_NAME_PATTERN.match(value):
+            self.problems.append(f"{where}{key} = {value!r}: expected an IP address or a host name")
+        return value
+
+    def _port(self, where: str, key: str, value: int) -> int:
+        if not 1 <= value <= 65535:
+            self.problems.append(f"{where}{key} = {value}: a TCP port is between 1 and 65535")
+        return value
+
+    def _positive(self, where: str, key: str, value: float, *, allow_zero: bool = False) -> float:
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = "0 or more" if allow_zero else "more than 0"
+            self.problems.append(f"{where}{key} = {value}: must be {bound}")
+        return value
+
+    def _policy(self, where: str, key: str, value: str) -> str:
+        if value not in ("flag", "refuse"):
+            self.problems.append(
+                f'{where}{key} = {value!r}: allowed values are "flag" (score and mark the deviation) '
+                'and "refuse" (do not score the series)'
+            )
+        return value
+
+    def _path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    # Sections.
+
+    def _node_section(self, table: dict[str, Any]) -> NodeSection:
+        where = "[node] "
+        defaults = NodeSection()
+        self._check_keys(where, table, set(NodeSection.__dataclass_fields__))
+        value = {
+            "ae_title": self._value(where, table, "ae_title", defaults.ae_title, "str"),
+            "bind_address": self._value(where, table, "bind_address", defaults.bind_address, "str"),
+            "port": self._value(where, table, "port", defaults.port, "int"),
+            "max_associations": self._value(where, table, "max_associations", defaults.max_associations, "int"),
+            "acse_timeout_s": self._value(where, table, "acse_timeout_s", defaults.acse_timeout_s, "float"),
+            "dimse_timeout_s": self._value(where, table, "dimse_timeout_s", defaults.dimse_timeout_s, "float"),
+            "network_timeout_s": self._value(where, table, "network_timeout_s", defaults.network_timeout_s, "float"),
+            "max_pdu_size": self._value(where, table, "max_pdu_size", defaults.max_pdu_size, "int"),
+            "uid_root": self._value(where, table, "uid_root", defaults.uid_root, "str"),
+            "accept_unknown_peers": self._value(
+                where, table, "accept_unknown_peers", defaults.accept_unknown_peers, "bool"
+            ),
+            "log_patient_identifiers": self._value(
+                where, table, "log_patient_identifiers", defaults.log_patient_identifiers, "bool"
+            ),
+        }
+
+        value["ae_title"] = self._ae_title(where, "ae_title", value["ae_title"])
+        self._host(where, "bind_address", value["bind_address"])
+        self._port(where, "port", value["port"])
+        if value["max_associations"] < 1:
+            self.problems.append(f"{where}max_associations = {value['max_associations']}: must be 1 or more")
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            self._positive(where, key, value[key])
+        pdu = value["max_pdu_size"]
+        if pdu != 0 and not _MIN_PDU_SIZE <= pdu <= _MAX_PDU_LIMIT:
+            self.problems.append(
+                f"{where}max_pdu_size = {pdu}: use 0 (unlimited) or a length in bytes between "
+                f"{_MIN_PDU_SIZE} and {_MAX_PDU_LIMIT}"
+            )
+        root = value["uid_root"]
+        if not _UID_ROOT_PATTERN.match(root) or len(root) > UID_ROOT_MAX_LENGTH:
+            self.problems.append(
+                f"{where}uid_root = {root!r}: expected digits in dot-separated components without "
+                f"leading zeros, ending with '.', at most {UID_ROOT_MAX_LENGTH} characters "
+                "(for example your organisation's registered root followed by '.')"
+            )
+        return NodeSection(**value)
+
+    def _peers(self, tables: list[dict[str, Any]]) -> tuple[Peer, ...]:
+        peers: list[Peer] = []
+        for index, table in enumerate(tables):
+            where = f"[[peers]] #{index + 1} "
+            self._check_keys(where, table, {"ae_title", "host"})
+            missing = [key for key in ("ae_title", "host") if key not in table]
+            for key in missing:
+                self.problems.append(f"{where}{key}: missing; every peer needs ae_title and host")
+            ae_title = self._value(where, table, "ae_title", "", "str")
+            host = self._value(where, table, "host", "", "str")
+            if missing:
+                continue
+            peer = Peer(ae_title=self._ae_title(where, "ae_title", ae_title), host=self._host(where, "host", host))
+            if peer in peers:
+                self.problems.append(f"{where}: duplicate of an earlier peer {peer.ae_title}@{peer.host}; remove one")
+            peers.append(peer)
+        return tuple(peers)
+
+    def _destinations(self, tables: list[dict[str, Any]]) -> tuple[Destination, ...]:
+        destinations: list[Destination] = []
+        required = ("name", "ae_title", "host", "port")
+        for index, table in enumerate(tables):
+            where = f"[[destinations]] #{index + 1} "
+            self._check_keys(where, table, set(Destination.__dataclass_fields__))
+            missing = [key for key in required if key not in table]
+            for key in missing:
+                self.problems.append(f"{where}{key}: missing; every destination needs {', '.join(required)}")
+            name = self._value(where, table, "name", "", "str")
+            ae_title = self._value(where, table, "ae_title", "", "str")
+            host = self._value(where, table, "host", "", "str")
+            port = self._value(where, table, "port", 0, "int")
+            outputs = self._outputs(where, table)
+            max_attempts = self._value(where, table, "max_attempts", 5, "int")
+            backoff = self._value(where, table, "retry_backoff_s", 10.0, "float")
+            if max_attempts < 1:
+                self.problems.append(f"{where}max_attempts = {max_attempts}: must be 1 or more")
+            self._positive(where, "retry_backoff_s", backoff, allow_zero=True)
+            if missing:
+                continue
+            if not name.strip():
+                self.problems.append(f"{where}name = {name!r}: give the destination a non-empty name")
+            if name in (d.name for d in destinations):
+                self.problems.append(f"{where}name = {name!r}: used by an earlier destination; names must be unique")
+            destinations.append(
+                Destination(
+                    name=name,
+                    ae_title=self._ae_title(where, "ae_title", ae_title),
+                    host=self._host(where, "host", host),
+                    port=self._port(where, "port", port),
+                    outputs=outputs,
+                    max_attempts=max_attempts,
+                    retry_backoff_s=backoff,
+                )
+            )
+        return tuple(destinations)
+
+    def _outputs(self, where: str, table: Mapping[str, Any]) -> frozenset[str]:
+        default = frozenset({"seg", "sr", "summary"})
+        if "outputs" not in table:
+            return default
+        value = table["outputs"]
+        allowed = ", ".join(sorted(OUTPUT_KINDS))
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+            self.problems.append(f"{where}outputs = {value!r}: expected a non-empty list of strings from {allowed}")
+            return default
+        unknown = sorted(set(value) - OUTPUT_KINDS)
+        if unknown:
+            self.problems.append(f"{where}outputs = {value!r}: unknown output(s) {', '.join(unknown)}; allowed: {allowed}")
+            return default
+        return frozenset(value)
+
+    def _storage_section(self, table: dict[str, Any]) -> StorageSection:
+        where = "[storage] "
+        defaults = StorageSection()
+        self._check_keys(where, table, set(StorageSection.__dataclass_fields__))
+        root = self._value(where, table, "root", str(defaults.root), "str")
+        minimum = self._value(where, table, "min_free_space_mb", defaults.min_free_space_mb, "int")
+        if not root.strip():
+            self.problems.append(f"{where}root = {root!r}: give the folder for received instances and the job database")
+        root_path = self._path(root)
+        if root_path.exists() and not root_path.is_dir():
+            self.problems.append(f"{where}root = {root!r}: exists but is not a folder; choose a folder path")
+        self._positive(where, "min_free_space_mb", minimum, allow_zero=True)
+        return StorageSection(root=root_path, min_free_space_mb=minimum)
+
+    def _scoring_section(self, table: dict[str, Any]) -> ScoringSection:
+        where = "[scoring] "
+        defaults = ScoringSection()
+        self._check_keys(where, table, set(ScoringSection.__dataclass_fields__))
+
+        model = self._value(where, table, "model_path", "", "str")
+        model_path = self._path(model) if model.strip() else None
+        if model_path is not None and not model_path.is_file():
+            self.problems.append(
+                f"{where}model_path = {model!r}: no file at {model_path}; give an existing model file "
+                'or "" for the model shipped with cacs-node'
+            )
+
+        device = self._value(where, table, "device", defaults.device, "str")
+        if not _DEVICE_PATTERN.match(device):
+            self.problems.append(f'{where}device = {device!r}: allowed values are "auto", "cpu", "cuda" or "cuda:N"')
+        quiet = self._value(where, table, "quiet_period_s", defaults.quiet_period_s, "float")
+        self._positive(where, "quiet_period_s", quiet)
+
+        policies = {
+            key: self._policy(where, key, self._value(where, table, key, getattr(defaults, key), "str"))
+            for key in ("kvp_policy", "thickness_policy", "contrast_policy", "body_part_policy")
+        }
+        factor = self._value(where, table, "mass_calibration_factor", defaults.mass_calibration_factor, "float")
+        self._positive(where, "mass_calibration_factor", factor)
+        region_seg = self._value(where, table, "write_region_seg", defaults.write_region_seg, "bool")
+        return ScoringSection(
+            model_path=model_path,
+            device=device,
+            quiet_period_s=quiet,
+            mass_calibration_factor=factor,
+            write_region_seg=region_seg,
+            **policies,
+        )
