@@ -225,8 +225,11 @@ def _score_artery(
     calibration: float,
     parameters: ScoringParameters,
 ) -> _ArteryScore:
-    """Score one artery's candidate voxels inside the bounding box `crop`."""
-    hu = volume.hu[crop]
+    """Score one artery's candidate voxels inside the bounding box `crop`.
+
+    Per-lesion statistics run on the 1D arrays of candidate voxels only, because
+    scipy.ndimage.maximum sorts every voxel of its input, background included.
+    """
     pixel_area = volume.pixel_area_mm2
     voxel_volume = volume.voxel_volume_mm3
 
@@ -234,75 +237,97 @@ def _score_artery(
     components, component_count = ndimage.label(artery_mask, structure=IN_PLANE_8_CONNECTIVITY)
     if component_count == 0:
         return _ArteryScore(0.0, 0.0, 0.0, ())
-    component_index = np.arange(1, component_count + 1)
-    pixel_counts = np.bincount(components.ravel(), minlength=component_count + 1)[1:]
-    peaks = np.asarray(ndimage.maximum(hu, components, component_index), dtype=np.float64)
+    component_ids = components[artery_mask]
+    voxel_hu = volume.hu[crop][artery_mask].astype(np.float64)
+    pixel_counts = np.bincount(component_ids, minlength=component_count + 1)
+    peaks = np.full(component_count + 1, -np.inf)
+    np.maximum.at(peaks, component_ids, voxel_hu)
     passes_minimum_area = pixel_counts * pixel_area >= parameters.minimum_lesion_area_mm2 - SIZE_TOLERANCE
+    passes_minimum_area[0] = False
     weights = np.where(passes_minimum_area, density_weight(peaks), 0)
 
     # Sum integer pixel counts × weights first, so the float error is one multiplication.
     weighted_pixels = int(np.sum(pixel_counts * weights))
     agatston = weighted_pixels * pixel_area * factor
 
-    # Scored voxels: those of the kept 2D lesions, each with its lesion's weight.
-    voxel_weights = np.concatenate(([0], weights))[components]
+    # Scored voxels: those of the 2D lesions that pass the minimum area.
+    voxel_weights = weights[component_ids]
     scored = voxel_weights > 0
     scored_count = int(np.count_nonzero(scored))
-    scored_hu_sum = float(np.sum(hu[scored], dtype=np.float64))
     volume_mm3 = scored_count * voxel_volume
-    mass_mg = scored_hu_sum * voxel_volume / 1000.0 * calibration
+    mass_mg = float(np.sum(voxel_hu[scored])) * voxel_volume / 1000.0 * calibration
 
+    scored_mask = np.zeros(artery_mask.shape, dtype=bool)
+    scored_mask[artery_mask] = scored
     lesions = _list_lesions(
-        artery, scored, voxel_weights, hu, volume, crop, factor, calibration, parameters
+        artery,
+        scored_mask,
+        voxel_weights[scored],
+        voxel_hu[scored],
+        volume,
+        crop,
+        factor,
+        calibration,
+        parameters,
     )
     return _ArteryScore(agatston, volume_mm3, mass_mg, lesions)
 
 
 def _list_lesions(
     artery: str,
-    scored: np.ndarray,
+    scored_mask: np.ndarray,
     voxel_weights: np.ndarray,
-    hu: np.ndarray,
+    voxel_hu: np.ndarray,
     volume: CTVolume,
     crop: tuple[slice, slice, slice],
     factor: float,
     calibration: float,
     parameters: ScoringParameters,
 ) -> tuple[Lesion, ...]:
-    """Return the 6-connected 3D lesions of one artery's scored voxels that reach the minimum volume."""
-    lesion_map, lesion_count = ndimage.label(scored, structure=FACE_6_CONNECTIVITY)
+    """Return the 6-connected 3D lesions of one artery's scored voxels that reach the minimum volume.
+
+    `voxel_weights` and `voxel_hu` contain one value per True voxel of
+    `scored_mask`, in C order.
+    """
+    lesion_map, lesion_count = ndimage.label(scored_mask, structure=FACE_6_CONNECTIVITY)
     if lesion_count == 0:
         return ()
-    index = np.arange(1, lesion_count + 1)
     voxel_volume = volume.voxel_volume_mm3
+    lesion_ids = lesion_map[scored_mask]
+    coordinates = np.nonzero(scored_mask)
 
-    voxel_counts = np.bincount(lesion_map.ravel(), minlength=lesion_count + 1)[1:]
-    listed = voxel_counts * voxel_volume >= parameters.minimum_lesion_volume_mm3 - SIZE_TOLERANCE
-    if not listed.any():
-        return ()
-    index = index[listed]
-    voxel_counts = voxel_counts[listed]
-
-    hu_sums = np.asarray(ndimage.sum_labels(hu.astype(np.float64), lesion_map, index))
-    peaks = np.asarray(ndimage.maximum(hu, lesion_map, index), dtype=np.float64)
-    weighted_pixels = np.asarray(ndimage.sum_labels(voxel_weights, lesion_map, index))
-    centroids = np.asarray(ndimage.center_of_mass(scored, lesion_map, index), dtype=np.float64)
-    centroids += np.array([crop[0].start, crop[1].start, crop[2].start], dtype=np.float64)
+    voxel_counts = np.bincount(lesion_ids, minlength=lesion_count + 1)
+    hu_sums = np.bincount(lesion_ids, weights=voxel_hu, minlength=lesion_count + 1)
+    weighted_pixels = np.bincount(lesion_ids, weights=voxel_weights, minlength=lesion_count + 1)
+    peaks = np.full(lesion_count + 1, -np.inf)
+    np.maximum.at(peaks, lesion_ids, voxel_hu)
+    offsets = (crop[0].start, crop[1].start, crop[2].start)
+    centroids = np.stack(
+        [
+            np.bincount(lesion_ids, weights=axis_index, minlength=lesion_count + 1)
+            / np.maximum(voxel_counts, 1)
+            + offset
+            for axis_index, offset in zip(coordinates, offsets)
+        ],
+        axis=-1,
+    )
     centroids_mm = volume.index_to_patient(centroids)
 
     lesions = []
-    for position in range(len(index)):
-        count = int(voxel_counts[position])
+    for lesion_id in range(1, lesion_count + 1):
+        count = int(voxel_counts[lesion_id])
         lesion_volume = count * voxel_volume
+        if lesion_volume < parameters.minimum_lesion_volume_mm3 - SIZE_TOLERANCE:
+            continue
         lesions.append(
             Lesion(
                 artery=artery,
                 voxel_count=count,
                 volume_mm3=lesion_volume,
-                mass_mg=float(hu_sums[position]) * voxel_volume / 1000.0 * calibration,
-                peak_hu=float(peaks[position]),
-                agatston=int(round(weighted_pixels[position])) * volume.pixel_area_mm2 * factor,
-                centroid_mm=tuple(float(c) for c in centroids_mm[position]),
+                mass_mg=float(hu_sums[lesion_id]) * voxel_volume / 1000.0 * calibration,
+                peak_hu=float(peaks[lesion_id]),
+                agatston=int(round(weighted_pixels[lesion_id])) * volume.pixel_area_mm2 * factor,
+                centroid_mm=tuple(float(c) for c in centroids_mm[lesion_id]),
             )
         )
     return tuple(lesions)
