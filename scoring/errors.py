@@ -35,3 +35,7 @@ class ProtocolRefusedError(SeriesError):
 
 class LabelError(ValueError):
     """A label map or SEG does not match the series it should describe."""
+
+
+class MissingUIDError(SeriesError):
+    """The series lacks SeriesInstanceUID or SOPInstanceUIDs, so derived objects cannot reference it."""

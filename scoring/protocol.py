@@ -1,0 +1,168 @@
+"""Check a CT series against the calcium-scoring acquisition protocol and produce ProtocolFlags.
+
+The Agatston score is defined on non-contrast scans at 120 kVp with 3 mm
+slices, and 2.5 mm reconstructions are in clinical use too. Each rule below is "flag" (the score is produced and carries the flag) or "refuse"
+(ProtocolRefusedError) per ProtocolPolicy:
+
+- KVP: KVP other than 120 (±0.5) or not recorded.
+- SLICE_THICKNESS: nominal SliceThickness outside 2.5–3.0 mm or not recorded.
+- SLICE_INCREMENT: measured increment outside 2.5–3.0 mm (same policy as thickness).
+- CONTRAST: a contrast agent recorded in ContrastBolusAgent,
+  ContrastBolusAgentSequence, ContrastBolusIngredient, a positive
+  ContrastBolusVolume or ContrastBolusTotalDose, or an Enhanced CT
+  ContrastBolusAgentAdministered YES. Agent texts that state absence
+  (NO_CONTRAST_TEXTS) do not count.
+- BODY_PART: BodyPartExamined present and not one of CARDIAC_BODY_PARTS. An
+  empty or missing BodyPartExamined is "not recorded" and not flagged,
+  because the attribute is optional (type 3) and many scanners leave it out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+
+from scoring.config import ProtocolPolicy
+from scoring.errors import ProtocolRefusedError
+from scoring.slice_geometry import functional_group_item
+from scoring.volume import ProtocolFlag
+
+logger = logging.getLogger(__name__)
+
+#: Tube voltage of the calcium-scoring protocol, and the accepted deviation.
+EXPECTED_KVP = 120.0
+KVP_TOLERANCE = 0.5
+
+#: Accepted slice thickness and increment range in mm, inclusive, with a
+#: tolerance for values such as 3.0000001 written by scanners.
+SLICE_RANGE_MM = (2.5, 3.0)
+SLICE_RANGE_TOLERANCE_MM = 0.01
+
+#: BodyPartExamined values (PS3.16 Annex L defined terms) accepted as cardiac.
+CARDIAC_BODY_PARTS = frozenset({"CHEST", "HEART", "CORONARYARTERY", "THORAX"})
+
+#: ContrastBolusAgent texts, upper-cased and stripped, that record no agent.
+NO_CONTRAST_TEXTS = frozenset({"NONE", "NO", "N", "NIL", "NO CONTRAST", "NON-CONTRAST", "NONCONTRAST", "0"})
+
+
+def _float_or_none(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def kvp_of(header: Dataset) -> float | None:
+    """Return the KVP of an instance: the top-level attribute, else the first CT X-Ray Details item."""
+    kvp = _float_or_none(header.get("KVP"))
+    if kvp is not None:
+        return kvp
+    details = functional_group_item(header, 0, "CTXRayDetailsSequence")
+    if details is not None:
+        return _float_or_none(details.get("KVP"))
+    return None
+
+
+def contrast_evidence(header: Dataset) -> str | None:
+    """Return a description of the contrast agent recorded in an instance, None when none is recorded."""
+    agent = str(header.get("ContrastBolusAgent", "") or "").strip()
+    if agent and agent.upper() not in NO_CONTRAST_TEXTS:
+        return f"ContrastBolusAgent '{agent}'"
+    agent_sequence = header.get("ContrastBolusAgentSequence")
+    if agent_sequence:
+        meanings = [str(item.get("CodeMeaning", item.get("CodeValue", "?"))) for item in agent_sequence]
+        return f"ContrastBolusAgentSequence ({', '.join(meanings)})"
+    ingredient = str(header.get("ContrastBolusIngredient", "") or "").strip()
+    if ingredient and ingredient.upper() not in NO_CONTRAST_TEXTS:
+        return f"ContrastBolusIngredient '{ingredient}'"
+    for keyword in ("ContrastBolusVolume", "ContrastBolusTotalDose"):
+        amount = _float_or_none(header.get(keyword))
+        if amount is not None and amount > 0:
+            return f"{keyword} {amount:g} ml"
+    usage = functional_group_item(header, 0, "ContrastBolusUsageSequence")
+    if usage is not None and str(usage.get("ContrastBolusAgentAdministered", "")).upper() == "YES":
+        return "ContrastBolusAgentAdministered YES"
+    return None
+
+
+def _outside_slice_range(value: float) -> bool:
+    low, high = SLICE_RANGE_MM
+    return value < low - SLICE_RANGE_TOLERANCE_MM or value > high + SLICE_RANGE_TOLERANCE_MM
+
+
+def check_protocol(
+    headers: Sequence[Dataset],
+    *,
+    slice_thickness: float | None,
+    slice_increment: float,
+    policy: ProtocolPolicy,
+    series: str,
+) -> tuple[ProtocolFlag, ...]:
+    """Return the protocol flags of a series, or raise for deviations whose policy is "refuse".
+
+    headers: the series' instances (any order); kVp and body part come from
+        the first, contrast from any.
+    slice_thickness: nominal thickness in mm, None when not recorded.
+    slice_increment: measured increment in mm.
+    Raises ProtocolRefusedError listing every refused deviation.
+    """
+    for field_name in ("kvp", "thickness", "contrast", "body_part"):
+        action = getattr(policy, field_name)
+        if action not in ("flag", "refuse"):
+            raise ValueError(f"ProtocolPolicy.{field_name} is {action!r}; expected 'flag' or 'refuse'")
+    found: list[tuple[str, ProtocolFlag]] = []
+    low, high = SLICE_RANGE_MM
+
+    kvp = kvp_of(headers[0])
+    if kvp is None:
+        found.append((policy.kvp, ProtocolFlag("KVP", "kVp is not recorded; calcium scoring expects 120 kVp")))
+    elif abs(kvp - EXPECTED_KVP) > KVP_TOLERANCE:
+        found.append(
+            (
+                policy.kvp,
+                ProtocolFlag(
+                    "KVP",
+                    f"acquired at {kvp:g} kVp; Agatston thresholds and weights are defined for 120 kVp",
+                ),
+            )
+        )
+
+    if slice_thickness is None:
+        message = f"slice thickness is not recorded; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
+    elif _outside_slice_range(slice_thickness):
+        message = f"slice thickness is {slice_thickness:g} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
+    if _outside_slice_range(slice_increment):
+        message = f"slice increment is {slice_increment:.3f} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_INCREMENT", message)))
+
+    for header in headers:
+        evidence = contrast_evidence(header)
+        if evidence is not None:
+            message = f"contrast agent recorded ({evidence}); calcium scoring needs a non-contrast scan"
+            found.append((policy.contrast, ProtocolFlag("CONTRAST", message)))
+            break
+
+    body_part = str(headers[0].get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and body_part not in CARDIAC_BODY_PARTS:
+        message = f"BodyPartExamined is {body_part}; calcium scoring expects CHEST or HEART"
+        found.append((policy.body_part, ProtocolFlag("BODY_PART", message)))
+    elif not body_part:
+        logger.info("series %s: BodyPartExamined is not recorded; not flagged", series)
+
+    refused = [flag for action, flag in found if action == "refuse"]
+    if refused:
+        reasons = "; ".join(flag.message for flag in refused)
+        raise ProtocolRefusedError(
+            f"series {series} is not a calcium-scoring acquisition: {reasons}. "
+            "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy"
+        )
+    flags = tuple(flag for _, flag in found)
+    for flag in flags:
+        logger.warning("series %s: protocol flag %s: %s", series, flag.code, flag.message)
+    return flags

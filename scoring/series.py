@@ -1,0 +1,452 @@
+"""Load one CT series from files or datasets into a CTVolume in HU, with its geometry and protocol flags.
+
+Steps of `load_series`:
+
+1. Read every file's header (pixel data deferred, not read). Files that are
+   not DICOM are dropped with a logged reason.
+2. Keep instances of CT Image Storage, Enhanced CT Image Storage and Legacy
+   Converted Enhanced CT Image Storage that have pixel data, are not
+   localizers (ImageType LOCALIZER) and are axial (slice normal within
+   AXIAL_MAX_OBLIQUITY_DEG of the patient's z axis). ORIGINAL and DERIVED
+   images are both valid. Everything else is dropped with a logged reason.
+   A second copy of a SOPInstanceUID is dropped too.
+3. Group by SeriesInstanceUID. Instances without one form a single group
+   named "(no SeriesInstanceUID)"; it is decoded and checked like any other,
+   but `load_series` raises MissingUIDError at the end, because SEG and SR
+   must reference real UIDs.
+4. Pick the series (`select_series`): the one requested by UID, else the
+   only one, else the one whose nominal SliceThickness is closest to 3.0 mm.
+   A tie raises AmbiguousSeriesError naming every tied series. Series are
+   never mixed.
+5. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
+   pixels and convert to HU (`scoring.dicom_pixels`), and check the protocol
+   (`scoring.protocol`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from scoring.config import ProtocolPolicy
+from scoring.dicom_pixels import (
+    check_lossless,
+    decode_stored_values,
+    padding_range,
+    stored_to_hu,
+    strip_pixel_data,
+    transfer_syntax_of,
+)
+from scoring.errors import AmbiguousSeriesError, MissingUIDError, NoEligibleSeriesError, SeriesError
+from scoring.protocol import check_protocol, kvp_of
+from scoring.slice_geometry import (
+    SliceRecord,
+    check_consistent,
+    functional_group_item,
+    multi_frame_records,
+    single_frame_record,
+    slice_normal,
+    sort_and_measure,
+)
+from scoring.volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+
+#: SOP classes the loader reads. The last two are multi-frame with functional groups.
+CT_SOP_CLASSES = frozenset(
+    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE}
+)
+
+#: Largest angle between the slice normal and the patient's z axis for an axial slice.
+AXIAL_MAX_OBLIQUITY_DEG = 10.0
+
+#: Nominal slice thickness preferred when a source holds several eligible series.
+PREFERRED_SLICE_THICKNESS_MM = 3.0
+
+#: Pixel data is not read while headers are scanned; values larger than this are deferred.
+_HEADER_DEFER_SIZE = "1 KB"
+
+#: Group name of instances that have no SeriesInstanceUID.
+NO_SERIES_UID = "(no SeriesInstanceUID)"
+
+DicomSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Dataset]
+
+
+@dataclass
+class _Instance:
+    dataset: Dataset
+    name: str
+    sop_class_uid: str
+    transfer_syntax: str | None
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """An eligible CT series found in a source, as listed by `list_series`.
+
+    slice_thickness: nominal SliceThickness of the first instance in mm, None when not recorded.
+    image_count: number of image planes (frames of multi-frame instances counted one by one).
+    """
+
+    series_instance_uid: str
+    series_number: str
+    series_description: str
+    slice_thickness: float | None
+    instance_count: int
+    image_count: int
+
+    def describe(self) -> str:
+        """Return a one-line description for messages and logs."""
+        thickness = "not recorded" if self.slice_thickness is None else f"{self.slice_thickness:g} mm"
+        return (
+            f"{self.series_instance_uid} (number {self.series_number or '-'}, "
+            f"'{self.series_description}', thickness {thickness}, {self.image_count} images)"
+        )
+
+
+def _instance_name(dataset: Dataset, fallback: str) -> str:
+    uid = str(dataset.get("SOPInstanceUID", "") or "")
+    return f"instance {uid}" if uid else fallback
+
+
+def _read_file(path: Path) -> _Instance | None:
+    try:
+        dataset = pydicom.dcmread(path, defer_size=_HEADER_DEFER_SIZE)
+    except InvalidDicomError:
+        logger.info("dropped %s: not a DICOM file (no DICM prefix)", path)
+        return None
+    except (OSError, EOFError, ValueError) as error:
+        logger.warning("dropped %s: cannot be read as DICOM (%s)", path, error)
+        return None
+    return _make_instance(dataset, _instance_name(dataset, f"file {path}"))
+
+
+def _make_instance(dataset: Dataset, name: str) -> _Instance:
+    sop_class = str(dataset.get("SOPClassUID", "") or "")
+    if not sop_class:
+        file_meta = getattr(dataset, "file_meta", None)
+        sop_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta is not None else ""
+        if sop_class:
+            logger.debug("%s has an empty SOPClassUID; using MediaStorageSOPClassUID %s", name, sop_class)
+    return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset))
+
+
+def _source_paths(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(candidate for candidate in path.rglob("*") if candidate.is_file())
+    if path.is_file():
+        return [path]
+    raise NoEligibleSeriesError(f"{path} does not exist; pass a folder or files of one CT series")
+
+
+def _read_source(source: DicomSource) -> list[_Instance]:
+    items: Iterable[object]
+    if isinstance(source, (str, os.PathLike)):
+        items = _source_paths(Path(source))
+    elif isinstance(source, Sequence):
+        items = source
+    else:
+        raise TypeError(
+            f"source is a {type(source).__name__}; expected a folder path or a sequence of file paths or Datasets"
+        )
+
+    instances = []
+    for index, item in enumerate(items):
+        if isinstance(item, Dataset):
+            instances.append(_make_instance(item, _instance_name(item, f"dataset #{index}")))
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            for file_path in _source_paths(path):
+                instance = _read_file(file_path)
+                if instance is not None:
+                    instances.append(instance)
+        else:
+            raise TypeError(f"source item #{index} is a {type(item).__name__}; expected a file path or a Dataset")
+    return instances
+
+
+def _orientation_of(instance: _Instance) -> object:
+    if instance.sop_class_uid == CT_IMAGE_STORAGE:
+        return instance.dataset.get("ImageOrientationPatient")
+    item = functional_group_item(instance.dataset, 0, "PlaneOrientationSequence")
+    return None if item is None else item.get("ImageOrientationPatient")
+
+
+def ineligibility_reason(instance: _Instance) -> str | None:
+    """Return why an instance cannot be part of a scored series, None when it can."""
+    dataset = instance.dataset
+    if instance.sop_class_uid not in CT_SOP_CLASSES:
+        class_name = UID(instance.sop_class_uid).name if instance.sop_class_uid else "no SOP Class UID"
+        return f"SOP class {class_name} is not a CT image"
+    if "PixelData" not in dataset:
+        return "no pixel data"
+    image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return f"localizer (ImageType {'/'.join(image_type)})"
+    orientation = _orientation_of(instance)
+    if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
+        return "no ImageOrientationPatient"
+    try:
+        normal = slice_normal(np.asarray([float(v) for v in orientation], dtype=np.float64))  # type: ignore[union-attr]
+    except (TypeError, ValueError, SeriesError) as error:
+        return f"invalid ImageOrientationPatient ({error})"
+    obliquity = float(np.degrees(np.arccos(min(1.0, abs(float(normal[2]))))))
+    if obliquity > AXIAL_MAX_OBLIQUITY_DEG:
+        return (
+            f"not axial: slice normal {np.round(normal, 3).tolist()} is {obliquity:.1f}° from the z axis "
+            f"(at most {AXIAL_MAX_OBLIQUITY_DEG:g}° accepted)"
+        )
+    return None
+
+
+def _group_eligible(instances: Sequence[_Instance]) -> dict[str, list[_Instance]]:
+    groups: dict[str, list[_Instance]] = {}
+    seen_uids: set[str] = set()
+    for instance in instances:
+        reason = ineligibility_reason(instance)
+        if reason is not None:
+            logger.info("dropped %s: %s", instance.name, reason)
+            continue
+        sop_uid = str(instance.dataset.get("SOPInstanceUID", "") or "")
+        if sop_uid and sop_uid in seen_uids:
+            logger.info("dropped %s: a second copy of the same SOPInstanceUID", instance.name)
+            continue
+        seen_uids.add(sop_uid)
+        series_uid = str(instance.dataset.get("SeriesInstanceUID", "") or "") or NO_SERIES_UID
+        groups.setdefault(series_uid, []).append(instance)
+    return groups
+
+
+def _nominal_thickness(instance: _Instance) -> float | None:
+    value = instance.dataset.get("SliceThickness")
+    if instance.sop_class_uid != CT_IMAGE_STORAGE:
+        item = functional_group_item(instance.dataset, 0, "PixelMeasuresSequence")
+        value = None if item is None else item.get("SliceThickness")
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _summarize(series_uid: str, instances: Sequence[_Instance]) -> SeriesSummary:
+    first = instances[0].dataset
+    return SeriesSummary(
+        series_instance_uid=series_uid,
+        series_number=str(first.get("SeriesNumber", "") or ""),
+        series_description=str(first.get("SeriesDescription", "") or ""),
+        slice_thickness=_nominal_thickness(instances[0]),
+        instance_count=len(instances),
+        image_count=sum(int(instance.dataset.get("NumberOfFrames", 1) or 1) for instance in instances),
+    )
+
+
+def list_series(source: DicomSource) -> list[SeriesSummary]:
+    """List the eligible CT series of a folder or of files/datasets, in SeriesInstanceUID order.
+
+    Ineligible instances are dropped with a logged reason, as in `load_series`.
+    Raises TypeError for a source of the wrong type and NoEligibleSeriesError
+    when a path does not exist.
+    """
+    groups = _group_eligible(_read_source(source))
+    return [_summarize(uid, groups[uid]) for uid in sorted(groups)]
+
+
+def select_series(summaries: Sequence[SeriesSummary], series_instance_uid: str | None = None) -> SeriesSummary:
+    """Pick the series to score: the requested UID, the only one, or the one closest to 3.0 mm thick.
+
+    A series without a recorded thickness ranks after every series with one.
+    Raises NoEligibleSeriesError when there is none or the requested UID is
+    absent, and AmbiguousSeriesError when several series tie for the best rank.
+    """
+    if not summaries:
+        raise NoEligibleSeriesError(
+            "no axial CT image series with pixel data was found; send a non-contrast calcium-scoring "
+            "CT series (CT Image Storage or Enhanced CT Image Storage)"
+        )
+    if series_instance_uid is not None:
+        for summary in summaries:
+            if summary.series_instance_uid == series_instance_uid:
+                return summary
+        found = ", ".join(summary.series_instance_uid for summary in summaries)
+        raise NoEligibleSeriesError(
+            f"series {series_instance_uid} is not among the eligible CT series found ({found})"
+        )
+    if len(summaries) == 1:
+        return summaries[0]
+
+    def rank(summary: SeriesSummary) -> float:
+        if summary.slice_thickness is None:
+            return float("inf")
+        return round(abs(summary.slice_thickness - PREFERRED_SLICE_THICKNESS_MM), 3)
+
+    best = min(rank(summary) for summary in summaries)
+    tied = [summary for summary in summaries if rank(summary) == best]
+    if len(tied) > 1:
+        names = "; ".join(summary.describe() for summary in tied)
+        raise AmbiguousSeriesError(
+            f"{len(tied)} CT series are equally suited for calcium scoring: {names}; "
+            "send only the series to score, or name it by SeriesInstanceUID"
+        )
+    others = [summary.series_instance_uid for summary in summaries if summary is not tied[0]]
+    logger.info(
+        "picked series %s (thickness closest to %g mm) over %s",
+        tied[0].series_instance_uid,
+        PREFERRED_SLICE_THICKNESS_MM,
+        ", ".join(others),
+    )
+    return tied[0]
+
+
+def _slice_records(instances: Sequence[_Instance]) -> list[SliceRecord]:
+    records: list[SliceRecord] = []
+    for index, instance in enumerate(instances):
+        if instance.sop_class_uid == CT_IMAGE_STORAGE:
+            records.append(single_frame_record(instance.dataset, index, instance.name))
+        else:
+            records.extend(multi_frame_records(instance.dataset, index, instance.name))
+    return records
+
+
+def _mass_calibration_factor(header: Dataset) -> float | None:
+    element = header.get("CalciumScoringMassFactorDevice")
+    if element is None:
+        item = functional_group_item(header, 0, "CTAdditionalXRaySourceSequence")
+        element = None if item is None else item.get("CalciumScoringMassFactorDevice")
+    values = [element] if isinstance(element, (int, float)) else list(element or [])
+    if not values:
+        return None
+    factor = float(values[0])
+    if not np.isfinite(factor) or factor <= 0.0:
+        logger.warning("ignored CalciumScoringMassFactorDevice %s: not a positive number", values)
+        return None
+    return factor
+
+
+def load_series(
+    source: DicomSource,
+    policy: ProtocolPolicy = ProtocolPolicy(),
+    *,
+    series_instance_uid: str | None = None,
+) -> CTVolume:
+    """Load one CT series into a CTVolume of float32 HU in volume order.
+
+    source: a folder (searched recursively), a file, or a sequence of file
+        paths and pydicom Datasets (Datasets are not modified).
+    policy: what to do on protocol deviations (flag or refuse).
+    series_instance_uid: the series to load when the source holds several.
+
+    Raises (all SeriesError subclasses, messages name the values involved):
+    NoEligibleSeriesError (no CT series, or the requested one is absent),
+    AmbiguousSeriesError (several equally suited series),
+    InconsistentGeometryError (rows, columns, orientation or spacing differ),
+    SliceSpacingError (gap, duplicate position, gantry tilt, single slice),
+    PixelDataError (missing rescale, lossy or undecodable pixels),
+    ProtocolRefusedError (a deviation whose policy is "refuse"),
+    MissingUIDError (no SeriesInstanceUID or SOPInstanceUID).
+    Raises TypeError when `source` is not a path or a sequence.
+    """
+    instances = _read_source(source)
+    without_class = sum(1 for instance in instances if not instance.dataset.get("SOPClassUID"))
+    if without_class:
+        logger.info("%d instances have an empty SOPClassUID; used their MediaStorageSOPClassUID", without_class)
+    groups = _group_eligible(instances)
+    summaries = [_summarize(uid, groups[uid]) for uid in sorted(groups)]
+    chosen = select_series(summaries, series_instance_uid)
+    series = chosen.series_instance_uid
+    instances = groups[series]
+    logger.info("loading series %s: %d instances, %d images", series, chosen.instance_count, chosen.image_count)
+
+    # Refuse lossy pixels before any decoding work.
+    for instance in instances:
+        check_lossless(instance.dataset, instance.transfer_syntax, instance.name)
+
+    records = _slice_records(instances)
+    check_consistent(records, series)
+    ordered, increment = sort_and_measure(records, series)
+
+    stored_by_instance: dict[int, np.ndarray] = {}
+    first = ordered[0]
+    hu = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
+    padding_mask = np.empty(hu.shape, dtype=bool)
+    for slice_index, record in enumerate(ordered):
+        if record.instance_index not in stored_by_instance:
+            instance = instances[record.instance_index]
+            stored_by_instance[record.instance_index] = decode_stored_values(instance.dataset, instance.name)
+        frame_index = 0 if record.frame_number is None else record.frame_number - 1
+        stored = stored_by_instance[record.instance_index][frame_index]
+        padding = padding_range(instances[record.instance_index].dataset)
+        hu[slice_index], padding_mask[slice_index] = stored_to_hu(stored, record.slope, record.intercept, padding)
+    stored_by_instance.clear()
+
+    # One header per instance, in the order its first plane appears in the volume.
+    instance_order = list(dict.fromkeys(record.instance_index for record in ordered))
+    headers = tuple(strip_pixel_data(instances[index].dataset) for index in instance_order)
+
+    flags = check_protocol(
+        headers,
+        slice_thickness=first.slice_thickness,
+        slice_increment=increment,
+        policy=policy,
+        series=series,
+    )
+
+    sop_instance_uids = tuple(record.sop_instance_uid for record in ordered)
+    if series == NO_SERIES_UID or not all(sop_instance_uids):
+        missing = sum(1 for uid in sop_instance_uids if not uid)
+        raise MissingUIDError(
+            f"the CT series ({len(ordered)} images, first {first.name}) has "
+            f"{'no SeriesInstanceUID' if series == NO_SERIES_UID else 'a SeriesInstanceUID'} and "
+            f"{missing} images without SOPInstanceUID; derived SEG and SR objects must reference "
+            "real UIDs; re-export the series from the scanner or PACS"
+        )
+
+    positions = np.array([record.position for record in ordered], dtype=np.float64)
+    orientation = first.orientation
+    header = headers[0]
+    is_multi_frame = first.frame_number is not None
+    volume = CTVolume(
+        hu=hu,
+        padding_mask=padding_mask,
+        origin=positions[0].copy(),
+        row_direction=orientation[:3] / np.linalg.norm(orientation[:3]),
+        column_direction=orientation[3:] / np.linalg.norm(orientation[3:]),
+        slice_direction=slice_normal(orientation),
+        pixel_spacing=first.pixel_spacing,
+        slice_increment=increment,
+        slice_thickness=first.slice_thickness,
+        kvp=kvp_of(header),
+        positions=positions,
+        series_instance_uid=series,
+        study_instance_uid=str(header.get("StudyInstanceUID", "") or ""),
+        frame_of_reference_uid=str(header.get("FrameOfReferenceUID", "") or ""),
+        sop_class_uid=instances[first.instance_index].sop_class_uid,
+        sop_instance_uids=sop_instance_uids,
+        headers=headers,
+        frame_numbers=tuple(int(record.frame_number or 0) for record in ordered) if is_multi_frame else None,
+        mass_calibration_factor=_mass_calibration_factor(header),
+        flags=flags,
+    )
+    logger.info(
+        "loaded series %s: %d slices of %d x %d, increment %.4f mm, %d padding voxels, flags %s",
+        series,
+        volume.shape[0],
+        volume.shape[1],
+        volume.shape[2],
+        increment,
+        int(padding_mask.sum()),
+        [flag.code for flag in flags] or "none",
+    )
+    return volume
