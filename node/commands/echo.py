@@ -1,4 +1,4 @@
-"""`cacs-node echo AE@HOST:PORT`: check that a DICOM peer answers C-ECHO."""
+"""`cacs-node echo AE@HOST:PORT`: check that a DICOM peer responds to C-ECHO."""
 
 from __future__ import annotations
 
