@@ -1,0 +1,381 @@
+"""Segmentation of a CT volume with a trained network: CAC labels, CAR regions, MC dropout.
+
+`segment_volume` runs the slices through the network in batches under
+`torch.inference_mode`, on the CPU or a CUDA device. Memory stays bounded by
+the batch size: only one batch of inputs and logits exists at a time, and
+the outputs are uint8 arrays of the volume's shape.
+
+Before the network runs, each slice is cut to the body region: the bounding
+box of HU > −500 over all slices, grown to a multiple of 256 pixels around
+its centre (the network's eight stride-2 levels need that), and filled with
+−2048 HU where the window leaves the image. Pixels outside the window get
+label 0 and region 0 (OTHER_CAR).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from scoring.checkpoint import CheckpointError, load_checkpoint
+from scoring.model import (
+    SIZE_MULTIPLE,
+    predict_labels,
+    prepare_input,
+)
+from scoring.volume import PADDING_HU, CTVolume
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the shipped model.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+#: File name of the shipped default model inside MODELS_DIR.
+DEFAULT_MODEL_FILE = "default.pt"
+
+#: HU above which a pixel counts as body when cropping to the body region.
+BODY_THRESHOLD_HU = -500.0
+
+#: Slices per forward pass by default; bounds memory at about 0.3 GB per slice
+#: of 512² in float32 on the CPU.
+DEFAULT_BATCH_SIZE = 4
+
+#: Dropout rate and number of passes of the Monte Carlo dropout mode.
+MC_DROPOUT_RATE = 0.01
+MC_DROPOUT_PASSES = 10
+
+Device = Literal["auto", "cpu", "cuda"] | str
+
+
+class ModelError(RuntimeError):
+    """The model cannot be loaded or run on the requested device."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network in eval mode on its device, with the metadata of its checkpoint.
+
+    model_version: "<model name>-<first 12 hex digits of the weights' SHA-256>".
+    """
+
+    network: nn.Module
+    architecture: str
+    model_version: str
+    device: torch.device
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class UncertaintyMaps:
+    """Per-pixel variance over Monte Carlo dropout passes, float32 of the volume's shape.
+
+    region_variance: variance of the T_R softmax probabilities, averaged over the 4 classes.
+    lesion_variance: variance of the T_L probability of CAC.
+    passes: number of passes; rate: the dropout rate used.
+    """
+
+    region_variance: np.ndarray
+    lesion_variance: np.ndarray
+    passes: int
+    rate: float
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The network's result for one volume.
+
+    labels: uint8 CAC labels in volume shape, 0 background, 1 LAD (with LM), 2 LCX, 3 RCA.
+    regions: uint8 CAR classes in volume shape, 0 OTHER_CAR, 1 LAD, 2 LCX, 3 RCA.
+    model_version: version string of the model that produced them.
+    body_window: (top, left, size_rows, size_columns) of the window the network saw.
+    """
+
+    labels: np.ndarray
+    regions: np.ndarray
+    model_version: str
+    body_window: tuple[int, int, int, int]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" → CUDA when available, else CPU; anything else as torch.device.
+
+    Raises ModelError when CUDA is requested but torch finds no CUDA device.
+    """
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as error:
+            raise ModelError(
+                f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(
+            f"device {device!s} requested but torch finds no CUDA device; use --device cpu"
+        )
+    return resolved
+
+
+def default_model_path() -> Path:
+    """Path of the shipped default model."""
+    return MODELS_DIR / DEFAULT_MODEL_FILE
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "auto") -> LoadedModel:
+    """Load a checkpoint onto a device in eval mode.
+
+    path: a checkpoint written by `cacs-node train`; None for the shipped
+        default model in scoring/models/.
+    device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+    Raises ModelError for a missing, damaged or mismatching checkpoint, or an
+    unavailable device.
+    """
+    resolved_device = resolve_device(device)
+    checkpoint_path = default_model_path() if path is None else Path(path)
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+    except CheckpointError as error:
+        raise ModelError(str(error)) from error
+    network = checkpoint.build_network().to(resolved_device)
+    version = checkpoint.metadata.get("model_version") or (
+        f"{checkpoint.architecture}-{checkpoint.weights_sha256[:12]}"
+    )
+    logger.info(
+        "loaded model %s (%s) from %s on %s",
+        version, checkpoint.architecture, checkpoint_path, resolved_device,
+    )
+    return LoadedModel(
+        network=network,
+        architecture=checkpoint.architecture,
+        model_version=str(version),
+        device=resolved_device,
+        metadata=checkpoint.metadata,
+        path=checkpoint_path,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_default_model(device: str) -> LoadedModel:
+    return load_model(None, device)
+
+
+def body_window(hu: np.ndarray, multiple: int = SIZE_MULTIPLE) -> tuple[int, int, int, int]:
+    """Window (top, left, rows, columns) around the body, each side a multiple of `multiple`.
+
+    The body is the bounding box of HU > −500 over all slices. Each side of
+    the window is the box side rounded up to `multiple` (at least `multiple`),
+    centred on the box and shifted to stay inside the image where it fits.
+    Without any body pixel the window covers the whole image, rounded up.
+    """
+    rows, columns = hu.shape[-2:]
+    body = np.any(hu > BODY_THRESHOLD_HU, axis=0) if hu.ndim == 3 else hu > BODY_THRESHOLD_HU
+    if not body.any():
+        return 0, 0, _round_up(rows, multiple), _round_up(columns, multiple)
+    row_indices = np.flatnonzero(body.any(axis=1))
+    column_indices = np.flatnonzero(body.any(axis=0))
+    top, size_rows = _centred_span(row_indices[0], row_indices[-1] + 1, rows, multiple)
+    left, size_columns = _centred_span(column_indices[0], column_indices[-1] + 1, columns, multiple)
+    return top, left, size_rows, size_columns
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def _centred_span(start: int, stop: int, length: int, multiple: int) -> tuple[int, int]:
+    size = _round_up(stop - start, multiple)
+    begin = (start + stop - size) // 2
+    if size <= length:
+        begin = min(max(begin, 0), length - size)
+    else:
+        begin = (length - size) // 2
+    return int(begin), int(size)
+
+
+def extract_window(hu: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Cut `window` out of HU slices (slices, rows, columns), filling outside with PADDING_HU."""
+    top, left, size_rows, size_columns = window
+    slices, rows, columns = hu.shape
+    out = np.full((slices, size_rows, size_columns), PADDING_HU, dtype=np.float32)
+    source_rows = slice(max(top, 0), min(top + size_rows, rows))
+    source_columns = slice(max(left, 0), min(left + size_columns, columns))
+    out[:, source_rows.start - top:source_rows.stop - top,
+        source_columns.start - left:source_columns.stop - left] = hu[:, source_rows, source_columns]
+    return out
+
+
+def _paste_window(
+    target: np.ndarray, values: np.ndarray, window: tuple[int, int, int, int], first_slice: int
+) -> None:
+    top, left, _, _ = window
+    rows, columns = target.shape[1:]
+    source_rows = slice(max(top, 0), min(top + values.shape[1], rows))
+    source_columns = slice(max(left, 0), min(left + values.shape[2], columns))
+    target[first_slice:first_slice + values.shape[0], source_rows, source_columns] = values[
+        :, source_rows.start - top:source_rows.stop - top,
+        source_columns.start - left:source_columns.stop - left,
+    ]
+
+
+def _check_volume(volume: CTVolume) -> np.ndarray:
+    hu = np.asarray(volume.hu)
+    if hu.ndim != 3 or hu.shape[0] == 0:
+        raise ValueError(
+            f"expected a volume of shape (slices, rows, columns) with at least one slice, "
+            f"got shape {hu.shape}"
+        )
+    return hu
+
+
+def _resolve_model(model: LoadedModel | None, device: str | torch.device) -> LoadedModel:
+    if model is not None:
+        return model
+    resolved = resolve_device(device)
+    return _cached_default_model(str(resolved))
+
+
+def segment_volume(
+    volume: CTVolume,
+    model: LoadedModel | None = None,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    crop_to_body: bool = True,
+    channels_last: bool = True,
+) -> Segmentation:
+    """Segment CAC and CAR in every slice of `volume`.
+
+    model: from `load_model`; None loads the shipped default model once per
+        device and keeps it. device: used only when model is None.
+    batch_size: slices per forward pass. crop_to_body: run the network on the
+        body window only (see the module docstring) instead of the full slice
+        padded to a multiple of 256. channels_last: use the channels-last
+        memory format, faster for these convolutions on the CPU.
+    Returns a Segmentation whose arrays have the volume's shape.
+    Raises ModelError when the model cannot be loaded, ValueError for a bad volume.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    hu = _check_volume(volume)
+    loaded = _resolve_model(model, device)
+    window = body_window(hu) if crop_to_body else _full_window(hu)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    regions = np.zeros(hu.shape, dtype=np.uint8)
+
+    started = time.perf_counter()
+    network = loaded.network
+    network.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network.to(memory_format=memory_format)
+    with torch.inference_mode():
+        for first in range(0, hu.shape[0], batch_size):
+            chunk = extract_window(hu[first:first + batch_size], window)
+            inputs = prepare_input(chunk).to(loaded.device).contiguous(memory_format=memory_format)
+            batch_labels, batch_regions = predict_labels(network, inputs)
+            _paste_window(labels, batch_labels.cpu().numpy(), window, first)
+            _paste_window(regions, batch_regions.cpu().numpy(), window, first)
+    logger.info(
+        "segmented series %s: %d slices, window %d × %d, %.2f s on %s, model %s",
+        volume.series_instance_uid, hu.shape[0], window[2], window[3],
+        time.perf_counter() - started, loaded.device, loaded.model_version,
+    )
+    return Segmentation(labels, regions, loaded.model_version, window)
+
+
+def _full_window(hu: np.ndarray) -> tuple[int, int, int, int]:
+    rows, columns = hu.shape[-2:]
+    size_rows, size_columns = _round_up(rows, SIZE_MULTIPLE), _round_up(columns, SIZE_MULTIPLE)
+    return (rows - size_rows) // 2, (columns - size_columns) // 2, size_rows, size_columns
+
+
+@contextmanager
+def mc_dropout(network: nn.Module, rate: float = MC_DROPOUT_RATE) -> Iterator[nn.Module]:
+    """Put every dropout layer in training mode at `rate`, keep batch norm in eval mode.
+
+    Restores the previous rates and modes on exit.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must lie in [0, 1), got {rate}")
+    dropouts = [module for module in network.modules() if isinstance(module, nn.Dropout)]
+    saved = [(module.p, module.training) for module in dropouts]
+    was_training = network.training
+    network.eval()
+    try:
+        for module in dropouts:
+            module.p = rate
+            module.train()
+        yield network
+    finally:
+        for module, (p, training) in zip(dropouts, saved):
+            module.p = p
+            module.train(training)
+        network.train(was_training)
+
+
+def mc_dropout_variance(
+    volume: CTVolume,
+    model: LoadedModel | None = None,
+    device: str | torch.device = "auto",
+    *,
+    passes: int = MC_DROPOUT_PASSES,
+    rate: float = MC_DROPOUT_RATE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> UncertaintyMaps:
+    """Per-pixel variance of the softmax outputs over `passes` Monte Carlo dropout passes.
+
+    Every dropout layer runs at `rate` (0.01 by default) in training mode and
+    batch norm stays in eval mode. `seed` makes the dropout masks repeatable;
+    the global torch generator is left as it was. Pixels outside the body
+    window get variance 0. Only two-task networks ("mtl", "sequential") have
+    both maps; for the single-task model both maps are the variance of its
+    4-class probabilities.
+    Raises ValueError for passes < 2.
+    """
+    if passes < 2:
+        raise ValueError(f"a variance needs at least 2 passes, got {passes}")
+    hu = _check_volume(volume)
+    loaded = _resolve_model(model, device)
+    window = body_window(hu)
+    region_variance = np.zeros(hu.shape, dtype=np.float32)
+    lesion_variance = np.zeros(hu.shape, dtype=np.float32)
+
+    devices = [loaded.device] if loaded.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(), \
+            mc_dropout(loaded.network, rate) as network:
+        torch.manual_seed(seed)
+        for first in range(0, hu.shape[0], batch_size):
+            inputs = prepare_input(extract_window(hu[first:first + batch_size], window))
+            inputs = inputs.to(loaded.device)
+            region_samples, lesion_samples = [], []
+            for _ in range(passes):
+                output = network(inputs)
+                if isinstance(output, tuple):
+                    region_samples.append(torch.softmax(output[0], dim=1))
+                    lesion_samples.append(torch.softmax(output[1], dim=1)[:, 1])
+                else:
+                    probabilities = torch.softmax(output, dim=1)
+                    region_samples.append(probabilities)
+                    lesion_samples.append(probabilities)
+            region = torch.stack(region_samples).var(dim=0, unbiased=False)
+            lesion = torch.stack(lesion_samples).var(dim=0, unbiased=False)
+            region = region.mean(dim=1)
+            if lesion.ndim == 4:
+                lesion = lesion.mean(dim=1)
+            _paste_window(region_variance, region.float().cpu().numpy(), window, first)
+            _paste_window(lesion_variance, lesion.float().cpu().numpy(), window, first)
+    return UncertaintyMaps(region_variance, lesion_variance, passes, rate)

@@ -1,0 +1,843 @@
+"""Training of the multi-task U-Net and its comparison models on annotated CT series.
+
+Data: `TrainingCase` objects (HU volume, CAC labels, CAR scribbles) from the
+digital phantom (`phantom_cases`) or from a folder of annotated series
+(`folder_cases`). Batches mix slices with coronary calcium (20 %) and slices
+without (80 %), each cut to a crop (256 × 256 by default) placed with a
+random translation.
+
+Optimisation follows Föllmer et al. (Med Phys 2022): batch 8, Adam with
+learning rate 5e-4 multiplied by 0.95 every 5 epochs, L2 weight decay, early
+stopping on the validation micro-F1 of the multiclass calcification. The
+continue-training mode starts from a checkpoint at learning rate 1e-4.
+
+Under `torchrun` (WORLD_SIZE > 1) the loop runs with DistributedDataParallel:
+each rank draws its own batches from a rank-specific seed, and rank 0
+validates, logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scoring import checkpoint as checkpoint_module
+from scoring import losses
+from scoring import metrics
+from scoring.model import build_model, predict_labels, prepare_input
+from scoring.result import LAD, OTHER_CALCIUM, RCA
+from scoring.volume import PADDING_HU
+
+logger = logging.getLogger(__name__)
+
+#: Value of an unlabelled pixel in a region target; the region loss ignores it.
+REGION_UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One annotated CT series.
+
+    hu: HU (slices, rows, columns), stored as int16 (HU rounded to whole numbers,
+        which is how CT stores them) to keep many series in memory.
+    labels: uint8 CAC labels, 0 background, 1 LAD, 2 LCX, 3 RCA, 4 other calcium.
+    regions: int8 CAR target, −1 unlabelled, 0 OTHER_CAR, 1 LAD, 2 LCX, 3 RCA.
+    """
+
+    name: str
+    hu: np.ndarray
+    labels: np.ndarray
+    regions: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not (self.hu.shape == self.labels.shape == self.regions.shape):
+            raise ValueError(
+                f"case {self.name}: HU {self.hu.shape}, labels {self.labels.shape} and "
+                f"regions {self.regions.shape} must have the same shape"
+            )
+        if self.hu.ndim != 3:
+            raise ValueError(f"case {self.name}: expected 3D arrays, got shape {self.hu.shape}")
+
+    @classmethod
+    def from_arrays(
+        cls, name: str, hu: np.ndarray, labels: np.ndarray, regions: np.ndarray
+    ) -> TrainingCase:
+        """Build a case, rounding HU to int16 (clipped to the int16 range)."""
+        hu16 = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        return cls(name, hu16, np.asarray(labels, dtype=np.uint8), np.asarray(regions, np.int8))
+
+    @property
+    def calcium_slices(self) -> np.ndarray:
+        """Indices of slices with coronary calcium (labels 1–3)."""
+        coronary = (self.labels >= LAD) & (self.labels <= RCA)
+        return np.flatnonzero(coronary.any(axis=(1, 2)))
+
+    @property
+    def labelled_slices(self) -> int:
+        """Number of slices with any CAR annotation."""
+        return int((self.regions >= 0).any(axis=(1, 2)).sum())
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Settings of one training run.
+
+    architecture: "mtl", "single" or "sequential".
+    weighting: "uncertainty" or "static" (multi-task losses of "mtl" and "sequential").
+    alpha: region share of the static weighting (default 0.4).
+    batch_size: slices per optimisation step per process (default 8).
+    learning_rate: Adam learning rate of a new run (default 5e-4).
+    continue_learning_rate: learning rate of the continue-training mode (default 1e-4).
+    lr_decay, lr_decay_epochs: the rate is multiplied by lr_decay every lr_decay_epochs
+        epochs (default 0.95 every 5).
+    weight_decay: L2 weight decay of Adam (default 1e-4; the paper gives no value).
+    epochs: maximum number of epochs. steps_per_epoch: optimisation steps per epoch.
+    patience: epochs without a better validation micro-F1 before stopping (default 10).
+    crop_size: side of the square training crops in pixels, a multiple of 256.
+    calcium_fraction: share of batch slices drawn from slices with calcium (default 0.2).
+    max_shift: largest random translation of a crop centre, in pixels (default 48).
+    validation_crops: number of fixed validation crops (default 32).
+    seed: seed of weights, sampling and dropout.
+    threads: torch CPU threads, None to keep torch's default.
+    device: "auto", "cpu" or a torch device such as "cuda:0".
+    """
+
+    architecture: str = "mtl"
+    weighting: str = "uncertainty"
+    alpha: float = losses.DEFAULT_STATIC_ALPHA
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    continue_learning_rate: float = 1e-4
+    lr_decay: float = 0.95
+    lr_decay_epochs: int = 5
+    weight_decay: float = 1e-4
+    epochs: int = 100
+    steps_per_epoch: int = 50
+    patience: int = 10
+    crop_size: int = 256
+    calcium_fraction: float = 0.2
+    max_shift: int = 48
+    validation_crops: int = 32
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("mtl", "single", "sequential"):
+            raise ValueError(f"unknown architecture {self.architecture!r}")
+        if self.weighting not in ("uncertainty", "static"):
+            raise ValueError(
+                f"unknown loss weighting {self.weighting!r}; expected 'uncertainty' or 'static'"
+            )
+        if self.crop_size <= 0 or self.crop_size % 256:
+            raise ValueError(f"crop size must be a positive multiple of 256, got {self.crop_size}")
+        if not 0.0 <= self.calcium_fraction <= 1.0:
+            raise ValueError(f"calcium fraction must lie in [0, 1], got {self.calcium_fraction}")
+        for name in (
+            "batch_size", "epochs", "steps_per_epoch", "lr_decay_epochs", "patience",
+            "validation_crops",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def model_name(self) -> str:
+        """Short name of the compared model: single, sequential, mtl-static or mtl-uncertainty."""
+        if self.architecture == "single":
+            return "single"
+        if self.architecture == "sequential":
+            return "sequential"
+        return f"mtl-{self.weighting}"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a training run produced."""
+
+    checkpoint_path: Path
+    best_checkpoint_path: Path
+    epochs_run: int
+    best_epoch: int
+    best_micro_f1: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Data sources
+
+
+#: Values of the phantom's regions map (see scoring.phantom) → region classes.
+def region_target_from_annotation(
+    annotation: np.ndarray, mapping: dict[int, int]
+) -> np.ndarray:
+    """Translate a CAR annotation map into a region target (−1 unlabelled, 0–3 classes).
+
+    mapping: annotation value → region class (0 OTHER_CAR, 1 LAD, 2 LCX, 3 RCA).
+    Values not in the mapping become unlabelled.
+    """
+    target = np.full(annotation.shape, REGION_UNLABELLED, dtype=np.int8)
+    for value, region_class in mapping.items():
+        target[annotation == value] = region_class
+    return target
+
+
+def phantom_cases(
+    seeds: Iterable[int], **options: Any
+) -> list[TrainingCase]:
+    """Generate phantom series in memory with `scoring.phantom.make_case`.
+
+    options are passed to make_case. The regions map is translated with the
+    phantom's documented convention (`phantom.REGION_VALUES`).
+    """
+    from scoring import phantom
+
+    cases = []
+    for seed in seeds:
+        started = time.perf_counter()
+        case = phantom.make_case(int(seed), **options)
+        regions = region_target_from_annotation(case.regions, phantom_region_mapping())
+        cases.append(TrainingCase.from_arrays(f"phantom-{seed}", case.hu, case.labels, regions))
+        logger.debug("phantom seed %d generated in %.1f s", seed, time.perf_counter() - started)
+    return cases
+
+
+def phantom_region_mapping() -> dict[int, int]:
+    """Annotation value → region class for the phantom's regions map."""
+    from scoring import phantom
+
+    return dict(phantom.REGION_TRAINING_CLASSES)
+
+
+#: Label-map file names looked for beside each series, in order of preference.
+LABEL_MAP_NAMES: tuple[str, ...] = ("labels.nrrd", "labels.nii.gz", "labels.nii", "labels.dcm")
+REGION_MAP_NAMES: tuple[str, ...] = (
+    "regions.nrrd", "regions.nii.gz", "regions.nii", "regions.dcm",
+)
+
+
+def folder_cases(root: Path) -> list[TrainingCase]:
+    """Load every annotated series under `root`.
+
+    Layout (the one `cacs-node phantom` writes): each case is a folder holding
+    `dicom/` (the series), `labels.*` (CAC labels: NRRD, NIfTI or a DICOM SEG
+    with one segment per artery) and `regions.*` (CAR scribbles in the
+    phantom's value convention; from a DICOM SEG, the artery segments and an
+    OTHER segment, which becomes OTHER_CAR).
+    Raises FileNotFoundError when no case folder is found.
+    """
+    from scoring.labels import read_label_map
+    from scoring.series import load_series
+
+    root = Path(root)
+    case_dirs = sorted(p.parent for p in root.rglob("dicom") if p.is_dir())
+    if not case_dirs:
+        raise FileNotFoundError(
+            f"no annotated series found under {root}: expected folders holding dicom/, "
+            "labels.nrrd (or .nii.gz, .dcm) and regions.nrrd"
+        )
+    cases = []
+    for case_dir in case_dirs:
+        label_path = _first_existing(case_dir, LABEL_MAP_NAMES)
+        region_path = _first_existing(case_dir, REGION_MAP_NAMES)
+        if label_path is None or region_path is None:
+            raise FileNotFoundError(
+                f"case {case_dir} lacks a label map: expected one of "
+                f"{', '.join(LABEL_MAP_NAMES)} and one of {', '.join(REGION_MAP_NAMES)}"
+            )
+        volume = load_series(case_dir / "dicom")
+        labels = read_label_map(label_path, volume)
+        annotation = read_label_map(region_path, volume)
+        if region_path.suffix == ".dcm":
+            # read_label_map gives artery values 1–3 and 4 for an OTHER segment.
+            mapping = {1: 1, 2: 2, 3: 3, OTHER_CALCIUM: 0}
+        else:
+            mapping = phantom_region_mapping()
+        regions = region_target_from_annotation(annotation, mapping)
+        cases.append(TrainingCase.from_arrays(case_dir.name, volume.hu, labels, regions))
+        logger.info("loaded training case %s (%d slices)", case_dir.name, volume.shape[0])
+    return cases
+
+
+def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def summarise_cases(cases: Sequence[TrainingCase]) -> dict[str, Any]:
+    """Training data summary for checkpoint metadata: series, slices, labelled slices."""
+    return {
+        "series": len(cases),
+        "slices": int(sum(case.hu.shape[0] for case in cases)),
+        "labelled_slices": int(sum(case.labelled_slices for case in cases)),
+        "calcium_slices": int(sum(len(case.calcium_slices) for case in cases)),
+        "names": [case.name for case in cases][:200],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Batch:
+    """A training batch: inputs (N, 2, S, S) float32 and the targets of both tasks."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    regions: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.inputs.to(device), self.labels.to(device), self.regions.to(device))
+
+    @property
+    def candidate(self) -> torch.Tensor:
+        return self.inputs[:, 1] > 0.5
+
+    @property
+    def lesion_target(self) -> torch.Tensor:
+        """1 where the label is a coronary artery (1–3), else 0."""
+        return ((self.labels >= LAD) & (self.labels <= RCA)).long()
+
+
+def crop_slice(
+    case: TrainingCase, slice_index: int, centre: tuple[int, int], size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut a size × size window centred at `centre` (row, column) from one slice.
+
+    Parts of the window outside the image are filled with PADDING_HU, label 0
+    and unlabelled regions.
+    """
+    rows, columns = case.hu.shape[1:]
+    top = centre[0] - size // 2
+    left = centre[1] - size // 2
+    hu = np.full((size, size), PADDING_HU, dtype=np.float32)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    regions = np.full((size, size), REGION_UNLABELLED, dtype=np.int8)
+    source_rows = slice(max(top, 0), min(top + size, rows))
+    source_columns = slice(max(left, 0), min(left + size, columns))
+    target_rows = slice(source_rows.start - top, source_rows.stop - top)
+    target_columns = slice(source_columns.start - left, source_columns.stop - left)
+    hu[target_rows, target_columns] = case.hu[slice_index, source_rows, source_columns]
+    labels[target_rows, target_columns] = case.labels[slice_index, source_rows, source_columns]
+    regions[target_rows, target_columns] = case.regions[slice_index, source_rows, source_columns]
+    return hu, labels, regions
+
+
+class HybridSampler:
+    """Draws batches with a set share of slices that hold coronary calcium.
+
+    Each batch slice comes from the calcium pool with probability
+    `calcium_fraction` (from the other slices otherwise). A calcium crop is
+    centred on a random coronary calcium pixel, any other crop on the centre
+    of the slice's CAR annotation (the image centre when there is none); the
+    centre is then moved by a random translation of up to `max_shift` pixels
+    in each direction and kept inside the image.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[TrainingCase],
+        crop_size: int,
+        calcium_fraction: float,
+        max_shift: int,
+        generator: np.random.Generator,
+    ) -> None:
+        if not cases:
+            raise ValueError("no training cases: pass at least one annotated series")
+        self.cases = list(cases)
+        self.crop_size = crop_size
+        self.calcium_fraction = calcium_fraction
+        self.max_shift = max_shift
+        self.generator = generator
+        self.calcium_pool: list[tuple[int, int]] = []
+        self.other_pool: list[tuple[int, int]] = []
+        for case_index, case in enumerate(self.cases):
+            calcium = set(case.calcium_slices.tolist())
+            for slice_index in range(case.hu.shape[0]):
+                pool = self.calcium_pool if slice_index in calcium else self.other_pool
+                pool.append((case_index, slice_index))
+        if not self.calcium_pool:
+            logger.warning("no training slice holds coronary calcium; every crop is negative")
+
+    def _draw_slice(self) -> tuple[int, int, bool]:
+        use_calcium = bool(self.calcium_pool) and (
+            not self.other_pool or self.generator.random() < self.calcium_fraction
+        )
+        pool = self.calcium_pool if use_calcium else self.other_pool
+        case_index, slice_index = pool[int(self.generator.integers(len(pool)))]
+        return case_index, slice_index, use_calcium
+
+    def _anchor(self, case: TrainingCase, slice_index: int, calcium: bool) -> tuple[int, int]:
+        rows, columns = case.hu.shape[1:]
+        if calcium:
+            labels = case.labels[slice_index]
+            points = np.argwhere((labels >= LAD) & (labels <= RCA))
+            row, column = points[int(self.generator.integers(len(points)))]
+            return int(row), int(column)
+        annotated = np.argwhere(case.regions[slice_index] >= 0)
+        if len(annotated):
+            row, column = annotated.mean(axis=0)
+            return int(row), int(column)
+        return rows // 2, columns // 2
+
+    def sample(self, batch_size: int) -> Batch:
+        """Draw one batch of `batch_size` crops."""
+        images, label_crops, region_crops = [], [], []
+        half = self.crop_size // 2
+        for _ in range(batch_size):
+            case_index, slice_index, calcium = self._draw_slice()
+            case = self.cases[case_index]
+            row, column = self._anchor(case, slice_index, calcium)
+            shift = self.generator.integers(-self.max_shift, self.max_shift + 1, size=2)
+            rows, columns = case.hu.shape[1:]
+            row = int(np.clip(row + shift[0], min(half, rows - half), max(half, rows - half)))
+            column = int(
+                np.clip(column + shift[1], min(half, columns - half), max(half, columns - half))
+            )
+            hu, labels, regions = crop_slice(case, slice_index, (row, column), self.crop_size)
+            images.append(hu)
+            label_crops.append(labels)
+            region_crops.append(regions)
+        return Batch(
+            inputs=prepare_input(np.stack(images)),
+            labels=torch.from_numpy(np.stack(label_crops)),
+            regions=torch.from_numpy(np.stack(region_crops).astype(np.int64)),
+        )
+
+
+def validation_batches(
+    cases: Sequence[TrainingCase], crop_size: int, seed: int, crops: int = 32, batch_size: int = 8
+) -> list[Batch]:
+    """A fixed validation set: `crops` crops drawn once with the hybrid sampler at 50 % calcium.
+
+    The same seed gives the same crops, so validation F1 is comparable across epochs.
+    """
+    sampler = HybridSampler(cases, crop_size, 0.5, 0, np.random.default_rng(seed))
+    batches = []
+    remaining = crops
+    while remaining > 0:
+        size = min(batch_size, remaining)
+        batches.append(sampler.sample(size))
+        remaining -= size
+    return batches
+
+
+# ---------------------------------------------------------------------------
+# The training step
+
+
+class TrainingModule(nn.Module):
+    """Network and loss weighting in one module, so DDP synchronises the log variances too.
+
+    forward(batch inputs, labels, regions) returns (total loss, region loss, lesion loss).
+    For the single-task model the region loss is 0 and the total is the multiclass loss.
+    """
+
+    def __init__(self, network: nn.Module, weighting: nn.Module | None) -> None:
+        super().__init__()
+        self.network = network
+        self.weighting = weighting
+
+    def forward(
+        self, inputs: torch.Tensor, labels: torch.Tensor, regions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        candidate = inputs[:, 1] > 0.5
+        output = self.network(inputs)
+        if not isinstance(output, tuple):
+            loss = losses.multiclass_loss(output, labels, candidate)
+            return loss, torch.zeros_like(loss), loss
+        region_logits, lesion_logits = output
+        lesion_target = ((labels >= LAD) & (labels <= RCA)).long()
+        region_part = losses.region_loss(region_logits, regions)
+        lesion_part = losses.lesion_loss(lesion_logits, lesion_target, candidate)
+        if self.weighting is None:
+            raise RuntimeError("a two-task network needs a loss weighting module")
+        return self.weighting(region_part, lesion_part), region_part, lesion_part
+
+
+def make_training_module(config: TrainingConfig) -> TrainingModule:
+    """Build the network and its loss weighting for `config`."""
+    network = build_model(config.architecture)
+    if config.architecture == "single":
+        weighting: nn.Module | None = None
+    elif config.weighting == "uncertainty":
+        weighting = losses.UncertaintyWeighting()
+    else:
+        weighting = losses.StaticWeighting(config.alpha)
+    return TrainingModule(network, weighting)
+
+
+def sigmas(module: TrainingModule) -> tuple[float, float]:
+    """(σ_R, σ_L) of the module's weighting; (nan, nan) for the single-task model."""
+    if module.weighting is None:
+        return math.nan, math.nan
+    return module.weighting.sigmas()
+
+
+@torch.inference_mode()
+def evaluate_batches(network: nn.Module, batches: Sequence[Batch], device: torch.device) -> dict:
+    """Validation metrics on crops: micro-F1 of the multiclass calcification, binary F1, CAR F1."""
+    was_training = network.training
+    network.eval()
+    predicted, truth, region_predicted, region_truth = [], [], [], []
+    for batch in batches:
+        batch = batch.to(device)
+        labels, regions = predict_labels(network, batch.inputs)
+        predicted.append(labels.cpu().numpy())
+        truth.append(batch.labels.cpu().numpy())
+        region_predicted.append(regions.cpu().numpy())
+        region_truth.append(batch.regions.cpu().numpy())
+    network.train(was_training)
+    predicted_labels = np.concatenate(predicted)
+    true_labels = np.concatenate(truth)
+    binary = metrics.binary_voxel_metrics(predicted_labels, true_labels)
+    return {
+        "micro_f1_cac": metrics.multiclass_micro_f1(predicted_labels, true_labels),
+        "binary_f1": binary.f1,
+        "micro_f1_car": metrics.region_micro_f1(
+            np.concatenate(region_predicted), np.concatenate(region_truth)
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → the first CUDA device when there is one, else the CPU; otherwise torch.device(name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch finds no CUDA device; use 'cpu'")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+@dataclass
+class _Distributed:
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _start_distributed(device_name: str) -> tuple[_Distributed, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    state = _Distributed(True, dist.get_rank(), dist.get_world_size(), local_rank)
+    logger.info("joined torchrun group: rank %d of %d on %s", state.rank, state.world_size, device)
+    return state, device
+
+
+def _broadcast_flag(flag: bool, distributed: _Distributed, device: torch.device) -> bool:
+    """Rank 0's value of `flag` on every rank."""
+    if not distributed.enabled:
+        return flag
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def train(
+    config: TrainingConfig,
+    train_cases: Sequence[TrainingCase],
+    validation_cases: Sequence[TrainingCase],
+    output_dir: Path,
+    *,
+    resume: Path | None = None,
+    continue_from: Path | None = None,
+    data_description: str = "",
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainingOutcome:
+    """Train one model and write `last.pt` and `best.pt` into `output_dir`.
+
+    resume: a `last.pt` of an interrupted run with the same settings; the run
+        continues from its epoch with its optimizer, scheduler and generator states.
+    continue_from: a checkpoint whose weights start a new run at
+        `config.continue_learning_rate` (the active-learning mode).
+    Returns the outcome with the best validation micro-F1 and its epoch.
+    Raises ValueError for bad settings or data, CheckpointError for a bad checkpoint.
+    """
+    if resume is not None and continue_from is not None:
+        raise ValueError("use either resume (an interrupted run) or continue_from, not both")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    distributed, device = _start_distributed(config.device)
+    output_dir = Path(output_dir)
+    if distributed.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    _seed_everything(config.seed)
+    module = make_training_module(config).to(device)
+    learning_rate = config.learning_rate
+    start_epoch = 0
+    best_f1 = -1.0
+    best_epoch = 0
+    epochs_without_improvement = 0
+    history: list[dict[str, float]] = []
+    generator = np.random.default_rng([config.seed, distributed.rank])
+    training_state = None
+
+    if continue_from is not None:
+        source = checkpoint_module.load_checkpoint(continue_from)
+        _check_architecture(source, config)
+        module.network.load_state_dict(source.state_dict)
+        weighting_state = (source.training_state or {}).get("weighting")
+        if weighting_state and module.weighting is not None:
+            module.weighting.load_state_dict(weighting_state)
+        learning_rate = config.continue_learning_rate
+        logger.info("continue training from %s at learning rate %g", continue_from, learning_rate)
+    if resume is not None:
+        source = checkpoint_module.load_checkpoint(resume)
+        _check_architecture(source, config)
+        if source.training_state is None:
+            raise checkpoint_module.CheckpointError(
+                f"{resume} holds no training state (an exported model); use --continue-from"
+            )
+        module.network.load_state_dict(source.state_dict)
+        training_state = source.training_state
+        if module.weighting is not None and training_state.get("weighting"):
+            module.weighting.load_state_dict(training_state["weighting"])
+        learning_rate = float(training_state["initial_learning_rate"])
+
+    optimizer = torch.optim.Adam(
+        module.parameters(), lr=learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=config.lr_decay_epochs, gamma=config.lr_decay
+    )
+    if training_state is not None:
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+        start_epoch = int(training_state["epoch"])
+        best_f1 = float(training_state["best_micro_f1"])
+        best_epoch = int(training_state["best_epoch"])
+        epochs_without_improvement = int(training_state["epochs_without_improvement"])
+        history = list(training_state.get("history", []))
+        generators = training_state.get("generators") or []
+        if distributed.rank < len(generators):
+            generator = checkpoint_module.restore_numpy_generator(generators[distributed.rank])
+        torch.set_rng_state(training_state["torch_rng"])
+        logger.info("resumed %s at epoch %d", resume, start_epoch)
+
+    wrapped: nn.Module = module
+    if distributed.enabled:
+        wrapped = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    sampler = HybridSampler(
+        train_cases, config.crop_size, config.calcium_fraction, config.max_shift, generator
+    )
+    validation = validation_batches(
+        validation_cases, config.crop_size, seed=config.seed + 7919, crops=config.validation_crops
+    )
+    summary = {
+        "training": summarise_cases(train_cases),
+        "validation": summarise_cases(validation_cases),
+        "description": data_description,
+    }
+    last_path = output_dir / "last.pt"
+    best_path = output_dir / "best.pt"
+
+    epoch = start_epoch
+    stop = False
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        wrapped.train()
+        totals = np.zeros(3)
+        steps = range(config.steps_per_epoch)
+        if progress and distributed.is_main:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"epoch {epoch}", leave=False, unit="step")
+        for _ in steps:
+            batch = sampler.sample(config.batch_size).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            total, region_part, lesion_part = wrapped(batch.inputs, batch.labels, batch.regions)
+            total.backward()
+            optimizer.step()
+            totals += [float(total.detach()), float(region_part.detach()), float(lesion_part.detach())]
+        scheduler.step()
+
+        improved = False
+        record: dict[str, float] = {}
+        if distributed.is_main:
+            validation_metrics = evaluate_batches(module.network, validation, device)
+            sigma_region, sigma_lesion = sigmas(module)
+            record = {
+                "epoch": epoch,
+                "loss": float(totals[0]) / config.steps_per_epoch,
+                "region_loss": float(totals[1]) / config.steps_per_epoch,
+                "lesion_loss": float(totals[2]) / config.steps_per_epoch,
+                "sigma_region": sigma_region,
+                "sigma_lesion": sigma_lesion,
+                "learning_rate": float(optimizer.param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - started,
+                **validation_metrics,
+            }
+            history.append(record)
+            improved = validation_metrics["micro_f1_cac"] > best_f1
+            if improved:
+                best_f1 = validation_metrics["micro_f1_cac"]
+                best_epoch = epoch
+                epochs_without_improvement = 0
+            else:
+                epochs_without_improvement += 1
+            logger.info(
+                "epoch %d/%d: loss %.4f (region %.4f, lesion %.4f), sigma_R %.3f, sigma_L %.3f, "
+                "validation micro-F1 CAC %.3f, binary F1 %.3f, micro-F1 CAR %.3f, lr %.2e, %.0f s",
+                epoch, config.epochs, record["loss"], record["region_loss"],
+                record["lesion_loss"], sigma_region, sigma_lesion,
+                validation_metrics["micro_f1_cac"], validation_metrics["binary_f1"],
+                validation_metrics["micro_f1_car"], record["learning_rate"], record["seconds"],
+            )
+            metadata = _metadata(config, summary, record, best_f1, best_epoch)
+            state = _training_state(
+                module, optimizer, scheduler, epoch, best_f1, best_epoch,
+                epochs_without_improvement, history, generator, learning_rate, config,
+            )
+            checkpoint = checkpoint_module.Checkpoint(
+                config.architecture, module.network.state_dict(), metadata, state
+            )
+            if improved:
+                checkpoint_module.save_checkpoint(best_path, checkpoint)
+            checkpoint_module.save_checkpoint(last_path, checkpoint)
+            if on_epoch is not None:
+                on_epoch(record)
+            stop = epochs_without_improvement >= config.patience
+            if stop:
+                logger.info(
+                    "early stop after epoch %d: no better validation micro-F1 for %d epochs "
+                    "(best %.3f at epoch %d)", epoch, config.patience, best_f1, best_epoch,
+                )
+        if _broadcast_flag(stop, distributed, device):
+            break
+
+    return TrainingOutcome(last_path, best_path, epoch, best_epoch, best_f1, history)
+
+
+def _check_architecture(source: checkpoint_module.Checkpoint, config: TrainingConfig) -> None:
+    if source.architecture != config.architecture:
+        raise ValueError(
+            f"checkpoint architecture {source.architecture!r} differs from the requested "
+            f"{config.architecture!r}; pass --architecture {source.architecture}"
+        )
+
+
+def _metadata(
+    config: TrainingConfig,
+    summary: dict[str, Any],
+    record: dict[str, float],
+    best_f1: float,
+    best_epoch: int,
+) -> dict[str, Any]:
+    return {
+        "architecture": config.architecture,
+        "model_name": config.model_name,
+        "input_normalisation": checkpoint_module.input_normalisation(),
+        "code_version": checkpoint_module.code_version(),
+        "torch_version": str(torch.__version__),
+        "training_config": asdict(config),
+        "training_data": summary,
+        "metrics": {
+            "last_epoch": {key: float(value) for key, value in record.items()},
+            "best_validation_micro_f1_cac": best_f1,
+            "best_epoch": best_epoch,
+        },
+    }
+
+
+def _training_state(
+    module: TrainingModule,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    best_f1: float,
+    best_epoch: int,
+    epochs_without_improvement: int,
+    history: list[dict[str, float]],
+    generator: np.random.Generator,
+    initial_learning_rate: float,
+    config: TrainingConfig,
+) -> dict[str, Any]:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "weighting": module.weighting.state_dict() if module.weighting is not None else {},
+        "epoch": epoch,
+        "best_micro_f1": best_f1,
+        "best_epoch": best_epoch,
+        "epochs_without_improvement": epochs_without_improvement,
+        "history": history,
+        "generators": [checkpoint_module.numpy_generator_state(generator)],
+        "torch_rng": torch.get_rng_state(),
+        "initial_learning_rate": initial_learning_rate,
+        "config": asdict(config),
+    }
+
+
+def export_model(source: Path, destination: Path, extra_metadata: dict[str, Any] | None = None,
+                 half_precision: bool = False) -> str:
+    """Write the weights and metadata of `source` without training state; return the model version.
+
+    The model version is "<model name>-<first 12 hex digits of the weights' SHA-256>".
+    half_precision stores float tensors as float16 (they are cast back to
+    float32 on load), which halves the file size.
+    """
+    checkpoint = checkpoint_module.load_checkpoint(source)
+    state_dict = checkpoint.state_dict
+    if half_precision:
+        state_dict = {
+            key: value.half() if value.is_floating_point() else value
+            for key, value in state_dict.items()
+        }
+    metadata = dict(checkpoint.metadata)
+    metadata.update(extra_metadata or {})
+    version = f"{metadata.get('model_name', checkpoint.architecture)}-" \
+              f"{checkpoint_module.hash_state_dict(state_dict)[:12]}"
+    metadata["model_version"] = version
+    metadata["storage_dtype"] = "float16" if half_precision else "float32"
+    checkpoint_module.save_checkpoint(
+        destination, checkpoint_module.Checkpoint(checkpoint.architecture, state_dict, metadata)
+    )
+    return version
