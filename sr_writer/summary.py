@@ -1,0 +1,348 @@
+"""Summary image: an RGB Secondary Capture of the scores for PACS and viewers without SR or SEG.
+
+The page is drawn with matplotlib's Agg backend: patient and study line, a
+table of Agatston score, volume and mass per artery and in total, the risk
+category, CAC-DRS grade, protocol flags and scoring parameters, and the axial
+slices with the most scored calcium with a coloured overlay per artery (the
+SEG's colours). The page states that it is automatically generated and not
+verified, and the image carries BurnedInAnnotation YES because it shows the
+patient's name and ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+
+import highdicom as hd
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+from scoring.result import ARTERIES, ARTERY_LABELS, OTHER_CALCIUM, ScoringResult
+from scoring.volume import CTVolume
+from sr_writer.identity import (
+    AlgorithmIdentification,
+    copy_patient_and_study,
+    highdicom_source,
+    new_uid,
+    series_description,
+    series_number,
+)
+from sr_writer.seg import ARTERY_COLORS, check_label_volume
+from sr_writer.sr import protocol_flag_codes
+
+logger = logging.getLogger(__name__)
+
+#: Size of the rendered page in pixels (width, height).
+PAGE_SIZE = (1280, 960)
+
+#: Number of axial slices shown.
+SHOWN_SLICES = 3
+
+#: Display window of the CT slices in HU (centre, width): a mediastinal
+#: window, so calcium shows white under its overlay.
+WINDOW = (40.0, 400.0)
+
+#: Overlay colour of non-coronary calcium (label 4), which scoring ignores.
+OTHER_CALCIUM_COLOR = (255, 200, 0)
+
+_RISK_TEXT = {
+    "I": "I (Agatston 0)",
+    "II": "II (Agatston above 0, below 100)",
+    "III": "III (Agatston 100 to below 300)",
+    "IV": "IV (Agatston 300 or above)",
+}
+
+_MANUFACTURER = "cacs-node"
+_BACKGROUND = "#101014"
+_TEXT = "#f0f0f0"
+_WARNING = "#ffd23f"
+_DPI = 100
+
+
+def build_summary_image(
+    volume: CTVolume,
+    labels: np.ndarray,
+    result: ScoringResult,
+    *,
+    algorithm: AlgorithmIdentification,
+    uid_root: str,
+    device_serial_number: str,
+) -> hd.sc.SCImage:
+    """Build the summary Secondary Capture (RGB, 8 bit) of a scoring result.
+
+    Args:
+        volume: the scored CT series.
+        labels: uint8 CAC label volume of `volume.shape` (0–4).
+        result: the scoring result of `volume` and `labels`.
+        algorithm: name and versions printed on the page.
+        uid_root: UID root for the new series and instance UIDs.
+        device_serial_number: Device Serial Number of the node.
+
+    Returns:
+        The Secondary Capture dataset.
+
+    Raises:
+        LabelError: `labels` does not match the volume.
+        ValueError: `uid_root` is invalid.
+    """
+    check_label_volume(labels, volume, name="CAC label volume", max_label=OTHER_CALCIUM)
+    shown = slices_with_most_calcium(volume, labels, result.threshold_hu)
+    pixels = render_summary(volume, labels, result, algorithm=algorithm, shown_slices=shown)
+
+    first_header = volume.headers[0]
+    # The page has no patient orientation. highdicom requires one for the
+    # PATIENT coordinate system; the Type 2 attribute is emptied below.
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=highdicom_source(first_header),
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=("L", "P"),
+        series_instance_uid=new_uid(uid_root),
+        series_number=series_number(first_header, "summary"),
+        sop_instance_uid=new_uid(uid_root),
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+    )
+    image.PatientOrientation = None
+    # An unpaired body part makes the Type 2C Laterality unnecessary;
+    # dciodvfy reports its absence when BodyPartExamined is missing.
+    image.BodyPartExamined = "HEART"
+
+    # Patient and Study modules verbatim from the source, and deterministic naming.
+    copy_patient_and_study(first_header, image)
+    image.SeriesDescription = series_description("summary", algorithm)
+    image.BurnedInAnnotation = "YES"
+    image.ImageComments = "Automatically generated calcium score summary; not verified by a physician"
+    image.ManufacturerModelName = algorithm.name
+    image.SoftwareVersions = [algorithm.version, f"model {algorithm.model_version}"]
+    image.DeviceSerialNumber = device_serial_number
+    image.DerivationDescription = "Calcium score table and axial CT slices with calcium overlay"
+    image.SourceImageSequence = [_source_reference(volume, index) for index in shown]
+    logger.info(
+        "built summary image %s for series %s showing slice(s) %s",
+        image.SOPInstanceUID,
+        volume.series_instance_uid,
+        [int(index) for index in shown],
+    )
+    return image
+
+
+def slices_with_most_calcium(volume: CTVolume, labels: np.ndarray, threshold_hu: float) -> list[int]:
+    """Return up to SHOWN_SLICES slice indices with the most coronary calcium voxels, in volume order.
+
+    Only voxels of LAD, LCX or RCA at or above `threshold_hu` count. Slices
+    without such voxels are never returned, so a zero score shows no slice.
+    """
+    coronary = (labels >= 1) & (labels <= 3) & (volume.hu >= threshold_hu)
+    counts = coronary.reshape(coronary.shape[0], -1).sum(axis=1)
+    # Stable sort: among equal counts the lower slice index comes first.
+    ranked = np.argsort(-counts, kind="stable")
+    chosen = [int(index) for index in ranked[:SHOWN_SLICES] if counts[index] > 0]
+    return sorted(chosen)
+
+
+def render_summary(
+    volume: CTVolume,
+    labels: np.ndarray,
+    result: ScoringResult,
+    *,
+    algorithm: AlgorithmIdentification,
+    shown_slices: list[int],
+) -> np.ndarray:
+    """Render the summary page as a uint8 RGB array of shape (height, width, 3)."""
+    width, height = PAGE_SIZE
+    figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor=_BACKGROUND)
+    canvas = FigureCanvasAgg(figure)
+
+    _draw_header(figure, volume.headers[0], algorithm)
+    _draw_score_table(figure, result)
+    _draw_findings(figure, result)
+    _draw_slices(figure, volume, labels, result.threshold_hu, shown_slices)
+
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+
+
+def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> None:
+    figure.text(0.02, 0.965, "Coronary artery calcium score", color=_TEXT, fontsize=22, weight="bold", va="top")
+    patient = (
+        f"{_display_name(header.get('PatientName'))}   ID {header.get('PatientID') or '-'}   "
+        f"born {_display_date(header.get('PatientBirthDate'))}   sex {header.get('PatientSex') or '-'}"
+    )
+    study = (
+        f"Study {_display_date(header.get('StudyDate'))}   accession {header.get('AccessionNumber') or '-'}   "
+        f"series {header.get('SeriesNumber', '-')} {header.get('SeriesDescription', '')}"
+    )
+    figure.text(0.02, 0.915, patient, color=_TEXT, fontsize=13, va="top")
+    figure.text(0.02, 0.885, study, color=_TEXT, fontsize=13, va="top")
+    figure.text(
+        0.02,
+        0.85,
+        f"AUTOMATICALLY GENERATED by {algorithm.name} {algorithm.version} "
+        f"(model {algorithm.model_version}). NOT VERIFIED: a physician must review it "
+        "before clinical use.",
+        color=_WARNING,
+        fontsize=13,
+        weight="bold",
+        va="top",
+    )
+
+
+def _draw_score_table(figure: Figure, result: ScoringResult) -> None:
+    axes = figure.add_axes((0.02, 0.52, 0.46, 0.30))
+    axes.set_axis_off()
+    keys = list(ARTERIES) + ["total"]
+    names = {"LAD": "LAD (incl. LM)", "LCX": "LCX", "RCA": "RCA", "total": "Total"}
+    cell_text = [
+        [
+            names[key],
+            f"{result.agatston[key]:.1f}",
+            f"{result.volume_mm3[key]:.1f}",
+            f"{result.mass_mg[key]:.2f}",
+        ]
+        for key in keys
+    ]
+    table = axes.table(
+        cellText=cell_text,
+        colLabels=["Artery", "Agatston", "Volume (mm³)", "Mass (mg)"],
+        colWidths=[0.31, 0.23, 0.23, 0.23],
+        loc="upper center",
+        cellLoc="right",
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(14)
+    table.scale(1.0, 2.2)
+    for (row, column), cell in table.get_celld().items():
+        cell.set_edgecolor("#606070")
+        cell.set_facecolor(_BACKGROUND)
+        cell.get_text().set_color(_TEXT)
+        if row == 0 or row == len(keys):
+            cell.get_text().set_weight("bold")
+        if column == 0:
+            cell.get_text().set_horizontalalignment("left")
+            cell.PAD = 0.05
+        if column == 0 and 1 <= row <= len(ARTERIES):
+            cell.set_facecolor(_hex(ARTERY_COLORS[ARTERIES[row - 1]]))
+            cell.get_text().set_color("white")
+            cell.get_text().set_weight("bold")
+
+
+def _draw_findings(figure: Figure, result: ScoringResult) -> None:
+    calibration = "scanner calibration" if result.mass_calibrated else "default factor, NOT calibrated"
+    lines = [
+        (f"Risk category {_RISK_TEXT.get(result.risk_category, result.risk_category)}", 16, "bold"),
+        (f"CAC-DRS {result.cac_drs}", 16, "bold"),
+        ("", 8, "normal"),
+        (f"Threshold {result.threshold_hu:g} HU, thickness normalisation × {result.normalization_factor:.3f}", 12, "normal"),
+        (f"Mass factor {result.mass_calibration_factor:.3f} mg/cm³/HU ({calibration})", 12, "normal"),
+        ("", 8, "normal"),
+    ]
+    messages = [flag.message for flag in result.flags]
+    if "MASS_UNCALIBRATED" in protocol_flag_codes(result) and not any(f.code == "MASS_UNCALIBRATED" for f in result.flags):
+        messages.append("Mass computed with the default calibration factor, not the scanner's own.")
+    if messages:
+        lines.append(("Protocol flags:", 13, "bold"))
+        for message in messages:
+            for number, part in enumerate(textwrap.wrap(message, width=70)):
+                lines.append((("• " if number == 0 else "  ") + part, 12, "normal"))
+    else:
+        lines.append(("Protocol flags: none", 13, "bold"))
+
+    y = 0.80
+    for text, size, weight in lines:
+        color = _WARNING if text.startswith(("Protocol flags:", "• ", "  ")) and messages else _TEXT
+        figure.text(0.52, y, text, color=color, fontsize=size, weight=weight, va="top")
+        y -= (size + 8) / PAGE_SIZE[1]
+
+
+def _draw_slices(
+    figure: Figure, volume: CTVolume, labels: np.ndarray, threshold_hu: float, shown_slices: list[int]
+) -> None:
+    if not shown_slices:
+        figure.text(
+            0.5,
+            0.25,
+            "No coronary calcium detected",
+            color=_TEXT,
+            fontsize=20,
+            ha="center",
+            va="center",
+        )
+        return
+
+    centre, width = WINDOW
+    low, high = centre - width / 2, centre + width / 2
+    overlay_colors = ListedColormap(
+        [(0, 0, 0, 0)]
+        + [tuple(c / 255 for c in ARTERY_COLORS[artery]) + (0.85,) for artery in ARTERIES]
+        + [tuple(c / 255 for c in OTHER_CALCIUM_COLOR) + (0.85,)]
+    )
+    panel_width = 0.96 / SHOWN_SLICES
+    rows, columns = volume.shape[1:]
+    aspect = volume.pixel_spacing[0] / volume.pixel_spacing[1]
+    for position, index in enumerate(shown_slices):
+        axes = figure.add_axes((0.02 + position * panel_width, 0.04, panel_width - 0.01, 0.44))
+        axes.set_facecolor("black")
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_color("#606070")
+        axes.imshow(volume.hu[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
+        shown = np.where(volume.hu[index] >= threshold_hu, labels[index], 0)
+        axes.imshow(shown, cmap=overlay_colors, vmin=0, vmax=OTHER_CALCIUM, interpolation="nearest", aspect=aspect)
+        axes.set_xlim(-0.5, columns - 0.5)
+        axes.set_ylim(rows - 0.5, -0.5)
+        instance = volume.headers[index].get("InstanceNumber", "-") if len(volume.headers) == volume.shape[0] else "-"
+        axes.set_title(
+            f"slice {index + 1}/{volume.shape[0]}, z {volume.positions[index][2]:.1f} mm, image {instance}",
+            color=_TEXT,
+            fontsize=11,
+        )
+
+    figure.text(0.02, 0.495, "Overlay:", color=_TEXT, fontsize=12, va="bottom")
+    x = 0.09
+    for artery in ARTERIES:
+        figure.text(x, 0.495, f"■ {artery}", color=_hex(ARTERY_COLORS[artery]), fontsize=12, weight="bold", va="bottom")
+        x += 0.06
+    figure.text(x, 0.495, "■ other calcium (not scored)", color=_hex(OTHER_CALCIUM_COLOR), fontsize=12, va="bottom")
+
+
+def _source_reference(volume: CTVolume, index: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = volume.sop_class_uid
+    item.ReferencedSOPInstanceUID = volume.sop_instance_uids[index]
+    if volume.frame_numbers is not None:
+        item.ReferencedFrameNumber = volume.frame_numbers[index]
+    return item
+
+
+def _display_name(value: object) -> str:
+    """Patient name as "FAMILY, Given Middle" from the alphabetic component group."""
+    if value is None or str(value) == "":
+        return "(no name)"
+    name = value if isinstance(value, PersonName) else PersonName(str(value))
+    given = " ".join(part for part in (name.given_name, name.middle_name) if part)
+    family = name.family_name or ""
+    if family and given:
+        return f"{family}, {given}"
+    return family or given or str(value)
+
+
+def _display_date(value: object) -> str:
+    """DICOM DA "YYYYMMDD" as "YYYY-MM-DD"; other values unchanged, empty as "-"."""
+    text = str(value or "")
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or "-"
+
+
+def _hex(color: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
