@@ -1,0 +1,188 @@
+"""The steps a job runs: load and score the series, write SEG/SR/summary, send them.
+
+`ScoringPipeline` is the real pipeline: `scoring.series.load_series` →
+`scoring.inference.segment_volume` → `scoring.agatston.score_volume` →
+`sr_writer.write_outputs` → `node.scu.send_with_retries`. The job runner
+(node.worker) only sees the `Pipeline` protocol, so tests of the job machinery
+can pass a fast stand-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.config import OUTPUT_KINDS, Destination, NodeSettings
+from scoring.result import ScoringResult
+from scoring.volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoredSeries:
+    """A scored series, kept in memory between the scoring and writing steps.
+
+    labels: uint8 CAC labels (0 background, 1 LAD, 2 LCX, 3 RCA) in volume shape.
+    regions: uint8 coronary artery regions (0 other, 1 LAD, 2 LCX, 3 RCA), or None.
+    """
+
+    volume: CTVolume
+    labels: np.ndarray
+    regions: np.ndarray | None
+    result: ScoringResult
+    model_version: str
+
+
+@dataclass(frozen=True)
+class WrittenOutput:
+    """One file written for a job: its output kind and SOPInstanceUID."""
+
+    kind: str
+    path: Path
+    sop_instance_uid: str
+
+
+class Pipeline(Protocol):
+    """What the job runner calls; every method runs on the worker thread."""
+
+    def model_version(self) -> str:
+        """Version of the model that `score` uses; may load the model."""
+        ...
+
+    def score(self, paths: Sequence[Path]) -> ScoredSeries:
+        """Load the instance files as one series and score it.
+
+        Raises:
+            scoring.errors.SeriesError: the series cannot be scored as it is;
+                the message is shown on the refused job.
+        """
+        ...
+
+    def write(self, scored: ScoredSeries, out_dir: Path, predecessor: Dataset | None) -> list[WrittenOutput]:
+        """Write the outputs into `out_dir`; `predecessor` is the SR that the new SR supersedes."""
+        ...
+
+    def send(self, files: Sequence[Path], destination: Destination, stop_event: threading.Event) -> Any:
+        """Send files to one destination; return a `node.scu.SendReport`."""
+        ...
+
+
+class ScoringPipeline:
+    """The real pipeline, configured by the `[scoring]` and `[node]` settings.
+
+    The model is loaded on first use and kept for later jobs.
+    """
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self._model: Any = None
+        self._model_lock = threading.Lock()
+
+    def _loaded_model(self) -> Any:
+        from scoring.inference import load_model
+
+        with self._model_lock:
+            if self._model is None:
+                scoring = self.settings.scoring
+                self._model = load_model(scoring.model_path, device=scoring.device)
+                logger.info(
+                    "model loaded from %s on device %s, version %s",
+                    scoring.model_path or "the shipped default",
+                    scoring.device,
+                    _version_of(self._model),
+                )
+            return self._model
+
+    def model_version(self) -> str:
+        return _version_of(self._loaded_model())
+
+    def score(self, paths: Sequence[Path]) -> ScoredSeries:
+        from scoring.agatston import score_volume
+        from scoring.inference import segment_volume
+        from scoring.series import load_series
+
+        scoring = self.settings.scoring
+        volume = load_series([str(path) for path in paths], policy=scoring.protocol_policy())
+        segmentation = segment_volume(volume, model=self._loaded_model(), device=scoring.device)
+        result = score_volume(volume, segmentation.labels, scoring.scoring_parameters())
+        return ScoredSeries(
+            volume=volume,
+            labels=segmentation.labels,
+            regions=getattr(segmentation, "regions", None),
+            result=result,
+            model_version=str(segmentation.model_version),
+        )
+
+    def write(self, scored: ScoredSeries, out_dir: Path, predecessor: Dataset | None) -> list[WrittenOutput]:
+        import scoring
+        from sr_writer import AlgorithmIdentification, write_outputs
+
+        algorithm = AlgorithmIdentification(
+            name="cacs-node", version=scoring.__version__, model_version=scored.model_version
+        )
+        regions = scored.regions if self.settings.scoring.write_region_seg else None
+        derived = write_outputs(
+            scored.volume,
+            scored.labels,
+            scored.result,
+            out_dir,
+            algorithm=algorithm,
+            uid_root=self.settings.node.uid_root,
+            regions=regions,
+            predecessor=predecessor,
+        )
+        return outputs_of(derived, out_dir)
+
+    def send(self, files: Sequence[Path], destination: Destination, stop_event: threading.Event) -> Any:
+        from node.scu import send_with_retries
+
+        return send_with_retries(
+            list(files),
+            destination,
+            calling_ae_title=self.settings.node.ae_title,
+            node_section=self.settings.node,
+            stop_event=stop_event,
+        )
+
+
+def _version_of(model: Any) -> str:
+    for name in ("model_version", "version"):
+        value = getattr(model, name, None)
+        if value:
+            return str(value)
+    raise ValueError(
+        f"the loaded model ({type(model).__name__}) has no model_version or version attribute; "
+        "the node needs it to score a series at most once per model version"
+    )
+
+
+def outputs_of(derived: Any, out_dir: Path) -> list[WrittenOutput]:
+    """List the files of `sr_writer.write_outputs`' result by output kind.
+
+    Accepts attributes named after the output kinds (seg, region_seg, sr,
+    summary) holding a path or None. Each file's SOPInstanceUID is read from
+    the file, because the file name is `<SOPInstanceUID>.dcm` only by
+    convention.
+    """
+    written: list[WrittenOutput] = []
+    for kind in sorted(OUTPUT_KINDS):
+        value = getattr(derived, f"{kind}_path", None) or getattr(derived, kind, None)
+        if value is None:
+            continue
+        path = Path(value) if isinstance(value, (str, Path)) else None
+        if path is None:
+            raise TypeError(f"write_outputs returned {type(value).__name__} for {kind}; expected a file path")
+        if not path.is_absolute():
+            path = out_dir / path
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        written.append(WrittenOutput(kind=kind, path=path, sop_instance_uid=str(header.SOPInstanceUID)))
+    return written

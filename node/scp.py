@@ -1,0 +1,498 @@
+"""The node's Verification and Storage SCP: association checks and the C-STORE handler.
+
+Association requests are checked in this order, each rejection logged with
+the peer address and both AE titles (A-ASSOCIATE-RJ result, source, reason as
+in PS3.8 section 9.3.4):
+
+1. more than `max_associations` associations → (2, 3, 2) transient, local limit exceeded;
+2. called AE title differs from `[node] ae_title` (case-sensitive; pynetdicom
+   strips the padding spaces) → (1, 1, 7) called AE title not recognised;
+3. calling AE title and peer address not in `[[peers]]`, unless
+   `accept_unknown_peers` → (1, 1, 3) calling AE title not recognised.
+
+C-STORE statuses (PS3.4 Annex B.2.3):
+
+- 0x0000 the instance is on disk (or an identical copy already was);
+- 0xA700 free space below `[storage] min_free_space_mb`, or the write failed;
+- 0xA900 the dataset's SOP Class UID differs from the request's Affected SOP
+  Class UID, or a UID needed to file it (Study, Series, SOP Instance) is missing;
+- 0xC210 the dataset cannot be parsed;
+- 0xC211 the dataset's SOP Instance UID differs from the request's Affected
+  SOP Instance UID, or a UID is not a valid UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.association import Association
+
+from node.config import NodeSettings
+from node.jobs import InstanceRecord, JobStore, JobStoreError
+from node.storage import InstanceStore, StorageError, is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+#: SOP classes stored by the SCP.
+STORAGE_SOP_CLASSES: tuple[str, ...] = (CTImageStorage, EnhancedCTImageStorage)
+
+#: Transfer syntaxes accepted for storage: the uncompressed little endian ones
+#: and the lossless compressed ones that pydicom with pylibjpeg decodes.
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEGLossless,  # 1.2.840.10008.1.2.4.57
+    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    RLELossless,  # 1.2.840.10008.1.2.5
+)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_INVALID_UID = 0xC211
+
+#: A-ASSOCIATE-RJ (result, source, reason) triples.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+#: Error Comment (0000,0902) is LO, at most 64 characters.
+_ERROR_COMMENT_LENGTH = 64
+_LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The peer of an association, as logged on every line."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.calling_ae_title}@{self.address}:{self.port} -> {self.called_ae_title}"
+
+
+def caller_of(assoc: Association) -> Caller:
+    """Read the AE titles and peer address of an association being requested or established."""
+    primitive = assoc.requestor.primitive
+    calling = getattr(primitive, "calling_ae_title", "") or assoc.requestor.ae_title
+    called = getattr(primitive, "called_ae_title", "") or assoc.acceptor.ae_title
+    address = assoc.requestor.address if assoc.requestor.address_info else "unknown"
+    port = assoc.requestor.port if assoc.requestor.address_info else 0
+    return Caller(str(calling).strip(), str(called).strip(), str(address), int(port))
+
+
+def _normalised_address(address: str) -> str:
+    """The address as `ipaddress` prints it, with IPv4-mapped IPv6 turned into IPv4."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(parsed)
+
+
+def _host_addresses(host: str) -> set[str]:
+    """The IP addresses of a peer's host entry; a name is resolved each time."""
+    try:
+        return {_normalised_address(str(ipaddress.ip_address(host)))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror as error:
+        logger.warning("cannot resolve peer host %r (%s); associations from it are rejected", host, error)
+        return set()
+    return {_normalised_address(str(info[4][0])) for info in infos}
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
+    return response
+
+
+class StorageSCP:
+    """Verification and Storage SCP that files received instances and registers them as jobs.
+
+    settings: the node settings (AE title, peers, limits, timeouts).
+    store: the folders under the storage root.
+    jobs: the job store in which each new instance restarts its series' quiet period.
+    on_instance: called with the SeriesInstanceUID after each new instance, on
+        the association's thread; it must return quickly.
+    """
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        store: InstanceStore,
+        jobs: JobStore,
+        *,
+        on_instance: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs = jobs
+        self.on_instance = on_instance
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._counts_lock = threading.Lock()
+        self._counts: dict[int, dict[str, int]] = {}
+
+    def build_ae(self) -> AE:
+        """Create the pynetdicom AE with the supported contexts, limits and timeouts."""
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.maximum_pdu_size = node.max_pdu_size
+        # The checks in _handle_requested replace pynetdicom's own AE title checks.
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(STORAGE_TRANSFER_SYNTAXES))
+        return ae
+
+    def event_handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """Handlers to pass as `evt_handlers` to `AE.start_server`."""
+        return [
+            (evt.EVT_REQUESTED, self._handle_requested),
+            (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_ESTABLISHED, self._handle_established),
+            (evt.EVT_RELEASED, self._handle_closed),
+            (evt.EVT_ABORTED, self._handle_closed),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+        ]
+
+    # Association negotiation.
+
+    def _handle_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        caller = caller_of(assoc)
+        node = self.settings.node
+        acceptors = [other for other in assoc.ae.active_associations if other.is_acceptor]
+
+        rejection: tuple[tuple[int, int, int], str] | None = None
+        if len(acceptors) > node.max_associations:
+            rejection = (
+                REJECT_LOCAL_LIMIT,
+                f"{len(acceptors)} associations requested at once, the limit is {node.max_associations}",
+            )
+        elif caller.called_ae_title != node.ae_title:
+            rejection = (
+                REJECT_CALLED_AE,
+                f"called AE title {caller.called_ae_title!r} is not this node's {node.ae_title!r}",
+            )
+        elif not node.accept_unknown_peers and not self._is_known_peer(caller):
+            rejection = (
+                REJECT_CALLING_AE,
+                f"calling AE title {caller.calling_ae_title!r} from {caller.address} is not in [[peers]]",
+            )
+        if rejection is None:
+            return
+
+        (result, source, reason), explanation = rejection
+        logger.warning(
+            "association rejected (%d, %d, %d) for %s: %s", result, source, reason, caller, explanation
+        )
+        assoc.acse.send_reject(result, source, reason)
+        assoc.kill()
+
+    def _is_known_peer(self, caller: Caller) -> bool:
+        address = _normalised_address(caller.address)
+        for peer in self.settings.peers:
+            if peer.ae_title == caller.calling_ae_title and address in _host_addresses(peer.host):
+                return True
+        return False
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        # Only pynetdicom's own checks (for example a race on the association
+        # limit) trigger EVT_REJECTED; the checks above log their own rejections.
+        primitive = event.assoc.acceptor.primitive
+        logger.warning(
+            "association rejected (%s, %s, %s) by pynetdicom for %s",
+            getattr(primitive, "result", "?"),
+            getattr(primitive, "result_source", "?"),
+            getattr(primitive, "diagnostic", "?"),
+            caller_of(event.assoc),
+        )
+
+    def _handle_established(self, event: evt.Event) -> None:
+        with self._counts_lock:
+            self._counts[id(event.assoc)] = {}
+        logger.info("association established with %s", caller_of(event.assoc))
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        with self._counts_lock:
+            counts = self._counts.pop(id(event.assoc), {})
+        summary = ", ".join(f"{name} {number}" for name, number in sorted(counts.items())) or "no C-STORE"
+        closed = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        logger.info("association %s with %s: %s", closed, caller_of(event.assoc), summary)
+
+    def _count(self, event: evt.Event, outcome: str) -> None:
+        with self._counts_lock:
+            counts = self._counts.setdefault(id(event.assoc), {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+
+    # DIMSE services.
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        logger.info("C-ECHO from %s", caller_of(event.assoc))
+        return STATUS_SUCCESS
+
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
+        caller = caller_of(event.assoc)
+        try:
+            status, outcome = self._store(event, caller)
+        except Exception:
+            # Unexpected errors must still produce a status, not an abort;
+            # the traceback goes to the log.
+            logger.exception("C-STORE from %s failed unexpectedly", caller)
+            status, outcome = _failure(STATUS_OUT_OF_RESOURCES, "internal error while storing; see node log"), "failed"
+        self._count(event, outcome)
+        return status
+
+    def _store(self, event: evt.Event, caller: Caller) -> tuple[int | Dataset, str]:
+        request = event.request
+        requested_class = str(request.AffectedSOPClassUID)
+        requested_instance = str(request.AffectedSOPInstanceUID)
+
+        if not self.store.has_free_space():
+            logger.error(
+                "C-STORE %s from %s answered 0xA700: %.0f MiB free, minimum %d MiB",
+                requested_instance,
+                caller,
+                self.store.free_space_bytes() / 2**20,
+                self.store.min_free_space_mb,
+            )
+            return _failure(STATUS_OUT_OF_RESOURCES, "node storage below its free space minimum"), "out-of-space"
+
+        # Parse the dataset as sent, without decoding pixel data.
+        encoded = event.encoded_dataset(include_meta=False)
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            dataset = dcmread(BytesIO(event.encoded_dataset(include_meta=True)))
+            for element in dataset:
+                element.value  # noqa: B018 - converts every value, so a corrupt one raises here
+        except Exception as error:
+            logger.error(
+                "C-STORE %s from %s answered 0xC210: dataset cannot be parsed (%s: %s)",
+                requested_instance,
+                caller,
+                type(error).__name__,
+                error,
+            )
+            return _failure(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(error).__name__}"), "unparseable"
+
+        checked = self._check_identity(dataset, requested_class, requested_instance, caller)
+        if isinstance(checked, Dataset):
+            return checked, "rejected"
+        study_uid, series_uid, sop_uid = checked
+
+        digest = hashlib.sha256(encoded).hexdigest()
+        lock = self._locks[hash(sop_uid) % _LOCK_STRIPES]
+        with lock:
+            return self._file_instance(
+                event.encoded_dataset(include_meta=True),
+                study_uid,
+                series_uid,
+                sop_uid,
+                requested_class,
+                transfer_syntax,
+                digest,
+                caller,
+            )
+
+    def _check_identity(
+        self, dataset: Dataset, requested_class: str, requested_instance: str, caller: Caller
+    ) -> tuple[str, str, str] | Dataset:
+        """Return (study, series, SOP instance) UIDs, or the failure response to send."""
+        sop_class = str(dataset.get("SOPClassUID", ""))
+        if sop_class != requested_class:
+            logger.error(
+                "C-STORE %s from %s answered 0xA900: dataset SOP Class UID %r, request %r",
+                requested_instance,
+                caller,
+                sop_class,
+                requested_class,
+            )
+            return _failure(STATUS_SOP_CLASS_MISMATCH, f"dataset SOP Class UID {sop_class or 'missing'}")
+
+        uids = {name: str(dataset.get(name, "") or "").strip() for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        missing = [name for name, value in uids.items() if not value]
+        if missing:
+            logger.error(
+                "C-STORE %s from %s answered 0xA900: required attribute(s) %s missing",
+                requested_instance,
+                caller,
+                ", ".join(missing),
+            )
+            return _failure(STATUS_SOP_CLASS_MISMATCH, f"missing {', '.join(missing)}")
+
+        invalid = [name for name, value in uids.items() if not is_valid_uid(value)]
+        if invalid:
+            logger.error(
+                "C-STORE %s from %s answered 0xC211: %s not a valid UID (%s)",
+                requested_instance,
+                caller,
+                ", ".join(invalid),
+                ", ".join(repr(uids[name]) for name in invalid),
+            )
+            return _failure(STATUS_INVALID_UID, f"invalid UID in {', '.join(invalid)}")
+
+        if uids["SOPInstanceUID"] != requested_instance:
+            logger.error(
+                "C-STORE from %s answered 0xC211: dataset SOP Instance UID %s, request %s",
+                caller,
+                uids["SOPInstanceUID"],
+                requested_instance,
+            )
+            return _failure(STATUS_INVALID_UID, "SOP Instance UID differs from the request")
+        return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+
+    def _file_instance(
+        self,
+        file_bytes: bytes,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class: str,
+        transfer_syntax: str,
+        digest: str,
+        caller: Caller,
+    ) -> tuple[int | Dataset, str]:
+        ids = f"study {study_uid} series {series_uid} instance {sop_uid} from {caller}"
+        existing = self.jobs.find_instance(sop_uid)
+        if existing is not None:
+            if existing.digest == digest or self._same_content(existing, file_bytes):
+                logger.info("identical copy of a stored instance ignored: %s", ids)
+                return STATUS_SUCCESS, "duplicate"
+            return self._file_conflict(file_bytes, study_uid, series_uid, sop_uid, digest, caller, ids)
+
+        try:
+            path = self.store.instance_path(study_uid, series_uid, sop_uid)
+            self.store.write_atomically(path, file_bytes)
+        except (OSError, StorageError) as error:
+            logger.error("C-STORE answered 0xA700, cannot write the instance (%s): %s", error, ids)
+            return _failure(STATUS_OUT_OF_RESOURCES, "node cannot write the instance; see node log"), "write-failed"
+
+        record = InstanceRecord(
+            sop_instance_uid=sop_uid,
+            series_instance_uid=series_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=transfer_syntax,
+            path=self.store.relative(path),
+            digest=digest,
+            size=len(file_bytes),
+            received_at=time.time(),
+        )
+        try:
+            self.jobs.record_instance(
+                record, study_uid, calling_ae_title=caller.calling_ae_title, peer_address=caller.address
+            )
+        except JobStoreError as error:
+            # Cannot happen while the per-UID lock is held; logged in case another process wrote it.
+            logger.error("instance stored but registering it failed (%s): %s", error, ids)
+            return _failure(STATUS_OUT_OF_RESOURCES, "node cannot register the instance"), "write-failed"
+
+        logger.debug("stored %s (%d bytes, %s)", ids, len(file_bytes), transfer_syntax)
+        if self.on_instance is not None:
+            self.on_instance(series_uid)
+        return STATUS_SUCCESS, f"series {series_uid}"
+
+    def _file_conflict(
+        self,
+        file_bytes: bytes,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        digest: str,
+        caller: Caller,
+        ids: str,
+    ) -> tuple[int | Dataset, str]:
+        try:
+            path = self.store.conflict_path(series_uid, sop_uid, digest)
+            if not path.exists():
+                self.store.write_atomically(path, file_bytes)
+        except (OSError, StorageError) as error:
+            logger.error("C-STORE answered 0xA700, cannot write the conflicting copy (%s): %s", error, ids)
+            return _failure(STATUS_OUT_OF_RESOURCES, "node cannot write the instance; see node log"), "write-failed"
+
+        self.jobs.record_conflict(
+            sop_uid,
+            series_uid,
+            study_uid,
+            self.store.relative(path),
+            digest,
+            received_at=time.time(),
+            calling_ae_title=caller.calling_ae_title,
+            peer_address=caller.address,
+        )
+        logger.warning(
+            "instance re-sent with different content; series held as conflicting until an operator acts: %s", ids
+        )
+        if self.on_instance is not None:
+            self.on_instance(series_uid)
+        return STATUS_SUCCESS, "conflict"
+
+    def _same_content(self, existing: InstanceRecord, file_bytes: bytes) -> bool:
+        """Compare a stored instance with a re-sent one in another transfer syntax.
+
+        Elements other than Pixel Data are compared as values, and pixel data
+        after decoding, so a series re-sent compressed differently is still
+        recognised as identical.
+        """
+        try:
+            stored = dcmread(self.store.absolute(existing.path))
+            received = dcmread(BytesIO(file_bytes))
+        except (OSError, StorageError, ValueError) as error:
+            logger.warning("cannot compare re-sent instance %s with the stored copy: %s", existing.sop_instance_uid, error)
+            return False
+        if stored.file_meta.TransferSyntaxUID == received.file_meta.TransferSyntaxUID:
+            return False
+        tags = {tag for tag in stored.keys() if tag != 0x7FE00010}
+        if tags != {tag for tag in received.keys() if tag != 0x7FE00010}:
+            return False
+        if any(stored[tag].value != received[tag].value for tag in tags):
+            return False
+        try:
+            return bool((stored.pixel_array == received.pixel_array).all())
+        except Exception as error:
+            logger.warning(
+                "cannot decode pixel data to compare re-sent instance %s: %s", existing.sop_instance_uid, error
+            )
+            return False

@@ -1,0 +1,187 @@
+"""Files under the storage root: received instances, conflicting copies and outputs.
+
+Layout under `[storage] root`:
+
+    incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    conflicts/<SeriesInstanceUID>/<SOPInstanceUID>.<digest prefix>.dcm
+    outputs/job-<id>/<SOPInstanceUID>.dcm
+    jobs.sqlite3 (node.jobs)
+
+Every file is written to a temporary name in its final folder, fsynced, then
+renamed, so a crash leaves either the complete file or a temporary file that
+`remove_stale_temporaries` deletes at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+INCOMING_FOLDER = "incoming"
+CONFLICTS_FOLDER = "conflicts"
+OUTPUTS_FOLDER = "outputs"
+DATABASE_NAME = "jobs.sqlite3"
+
+#: Prefix and suffix of temporary files; `remove_stale_temporaries` deletes them.
+TEMPORARY_PREFIX = ".partial-"
+TEMPORARY_SUFFIX = ".tmp"
+
+#: A UID as PS3.5 section 9.1 defines it: digits and dots, at most 64 characters.
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNSAFE_CHARACTERS = re.compile(r"[^0-9A-Za-z._-]")
+
+
+class StorageError(OSError):
+    """A path or file under the storage root cannot be used."""
+
+
+def is_valid_uid(value: str) -> bool:
+    """Tell whether `value` is a UID of digits and dots, 1 to 64 characters long."""
+    return 0 < len(value) <= 64 and bool(_UID_PATTERN.match(value))
+
+
+def clean_path_part(value: str) -> str:
+    """Turn a UID (or any identifier) into one safe path component.
+
+    Characters other than letters, digits, dot, hyphen and underscore become
+    "_", so the result never contains a path separator.
+
+    Raises:
+        StorageError: the cleaned value is empty, "." or "..".
+    """
+    cleaned = _UNSAFE_CHARACTERS.sub("_", value.strip())
+    if cleaned in ("", ".", ".."):
+        raise StorageError(f"identifier {value!r} cannot be used as a file or folder name")
+    return cleaned
+
+
+class InstanceStore:
+    """The folders under the storage root and atomic writes into them.
+
+    root: the storage root; created with its sub-folders by `create_layout`.
+    min_free_space_mb: free space, in MiB, below which `has_free_space` is False.
+    """
+
+    def __init__(self, root: Path, min_free_space_mb: int) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_space_mb = min_free_space_mb
+        self.incoming = self.root / INCOMING_FOLDER
+        self.conflicts = self.root / CONFLICTS_FOLDER
+        self.outputs = self.root / OUTPUTS_FOLDER
+        self.database_path = self.root / DATABASE_NAME
+
+    def create_layout(self) -> None:
+        """Create the storage root and its sub-folders when missing.
+
+        Raises:
+            StorageError: a folder cannot be created (permissions, a file in the way).
+        """
+        for folder in (self.root, self.incoming, self.conflicts, self.outputs):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise StorageError(
+                    f"cannot create storage folder {folder}: {error.strerror}; check [storage] root "
+                    "and that the node's user may write there"
+                ) from error
+
+    def free_space_bytes(self) -> int:
+        """Free space on the file system of the storage root, in bytes, for this user."""
+        return shutil.disk_usage(self.root).free
+
+    def has_free_space(self) -> bool:
+        """Tell whether the free space is at least `min_free_space_mb` MiB."""
+        return self.free_space_bytes() >= self.min_free_space_mb * 1024 * 1024
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Path of a received instance, checked to stay under the storage root.
+
+        Raises:
+            StorageError: a UID cannot be a path component, or the path leaves the root.
+        """
+        path = (
+            self.incoming
+            / clean_path_part(study_uid)
+            / clean_path_part(series_uid)
+            / f"{clean_path_part(sop_instance_uid)}.dcm"
+        )
+        return self.checked(path)
+
+    def conflict_path(self, series_uid: str, sop_instance_uid: str, digest: str) -> Path:
+        """Path of a re-sent instance whose content differs from the stored one."""
+        name = f"{clean_path_part(sop_instance_uid)}.{clean_path_part(digest[:16])}.dcm"
+        return self.checked(self.conflicts / clean_path_part(series_uid) / name)
+
+    def output_folder(self, job_id: int) -> Path:
+        """Folder of the SEG, SR and summary image written for one job."""
+        return self.checked(self.outputs / f"job-{int(job_id)}")
+
+    def checked(self, path: Path) -> Path:
+        """Return `path` resolved, after checking that it lies under the storage root.
+
+        Raises:
+            StorageError: the resolved path is outside the root.
+        """
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise StorageError(f"path {path} resolves to {resolved}, outside the storage root {self.root}")
+        return resolved
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the storage root, as stored in the job database."""
+        return str(self.checked(path).relative_to(self.root))
+
+    def absolute(self, relative_path: str) -> Path:
+        """Inverse of `relative`, checked to stay under the root."""
+        return self.checked(self.root / relative_path)
+
+    def write_atomically(self, path: Path, data: bytes) -> None:
+        """Write `data` to `path` through a temporary file, fsync, rename and folder fsync.
+
+        Raises:
+            OSError: the folder cannot be created or the write fails; no partial
+                file is left at `path`.
+        """
+        path = self.checked(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=path.parent
+        )
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync_folder(path.parent)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by an interrupted write; return how many were deleted."""
+        removed = 0
+        for folder in (self.incoming, self.conflicts, self.outputs):
+            for path in folder.rglob(f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.warning("deleted %d temporary file(s) left by an interrupted write under %s", removed, self.root)
+        return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder entry so that a rename inside it survives a power loss (POSIX only)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

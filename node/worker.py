@@ -1,0 +1,276 @@
+"""The job runner: one worker thread that scores, writes and sends jobs off the network threads.
+
+Jobs run one at a time in id order, so a re-score of a series always runs
+after the job it supersedes. Each destination is sent to on its own thread,
+so one that is down or retrying does not hold back the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.config import Destination, NodeSettings
+from node.jobs import DONE, FAILED, REFUSED, SENDING, WRITING, Job, JobStore, series_fingerprint
+from node.pipeline import Pipeline
+from node.storage import InstanceStore
+from scoring.errors import SeriesError
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """Runs submitted jobs on one worker thread.
+
+    settings: destinations and AE title for sending.
+    store: the storage root (instance paths, output folders).
+    jobs: the job store.
+    pipeline: the steps; `node.pipeline.ScoringPipeline` in the node.
+    """
+
+    def __init__(self, settings: NodeSettings, store: InstanceStore, jobs: JobStore, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs = jobs
+        self.pipeline = pipeline
+        self._queue: queue.Queue[int] = queue.Queue()
+        self._queued: set[int] = set()
+        self._queued_lock = threading.Lock()
+        self._busy = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="cacs-job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Ask the worker to stop after the current step; return False if it is still running after `timeout`.
+
+        A job interrupted in scoring or writing is scored again at the next
+        start; one interrupted in sending sends what was not yet sent.
+        """
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        stopped = not self._thread.is_alive()
+        if not stopped:
+            logger.warning("job runner still busy %.0f s after the stop request", timeout)
+        return stopped
+
+    def submit(self, job_id: int) -> None:
+        """Queue a job; a job already queued is not queued twice."""
+        with self._queued_lock:
+            if job_id in self._queued:
+                return
+            self._queued.add(job_id)
+        self._queue.put(job_id)
+
+    @property
+    def is_idle(self) -> bool:
+        """True when no job is queued or running."""
+        with self._queued_lock:
+            return not self._queued and not self._busy.is_set()
+
+    def is_queued(self, job_id: int) -> bool:
+        """True when the job is waiting in the queue or running."""
+        with self._queued_lock:
+            return job_id in self._queued
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._busy.set()
+            try:
+                self.process(job_id)
+            except Exception:
+                # A bug in a step must not end the worker: record it on the job and go on.
+                logger.exception("job %d failed unexpectedly", job_id)
+                self._fail_unexpectedly(job_id)
+            finally:
+                with self._queued_lock:
+                    self._queued.discard(job_id)
+                self._busy.clear()
+
+    def _fail_unexpectedly(self, job_id: int) -> None:
+        try:
+            self.jobs.set_state(
+                job_id, FAILED, "internal error in the node; see the node log, then run `cacs-node retry JOB`"
+            )
+        except Exception:
+            logger.exception("cannot mark job %d as failed", job_id)
+
+    # Steps.
+
+    def process(self, job_id: int) -> None:
+        """Run one job from its current state to done, failed or refused."""
+        job = self.jobs.job(job_id)
+        ids = f"job {job.id} study {job.study_instance_uid} series {job.series_instance_uid}"
+        if job.state == SENDING:
+            logger.info("%s: resuming sending", ids)
+            self._send(job, ids)
+            return
+        if not self.jobs.claim(job_id):
+            logger.debug("%s: not started, state is %s", ids, job.state)
+            return
+        logger.info("%s: scoring started", ids)
+
+        conflict = self.jobs.series_conflict(job.series_instance_uid)
+        if conflict:
+            self._finish(job, REFUSED, conflict, ids)
+            return
+
+        instances = self.jobs.series_instances(job.series_instance_uid)
+        fingerprint = series_fingerprint(instances)
+        try:
+            model_version = self.pipeline.model_version()
+        except Exception as error:
+            logger.exception("%s: cannot load the model", ids)
+            self._finish(job, FAILED, f"cannot load the model: {error}; check [scoring] model_path and device", ids)
+            return
+
+        if not job.force:
+            earlier = self.jobs.find_scored(job.series_instance_uid, fingerprint, model_version)
+            if earlier is not None and earlier.id != job.id:
+                reason = (
+                    f"not scored again: job {earlier.id} already scored these {len(instances)} instance(s) with "
+                    f"model version {model_version}; run `cacs-node retry {job.id} --force` to score again"
+                )
+                self.jobs.set_state(job.id, DONE, reason, instance_count=len(instances), fingerprint=fingerprint,
+                                    model_version=model_version, result=earlier.result)
+                logger.info("%s: %s", ids, reason)
+                return
+
+        self.jobs.set_state(
+            job.id, "scoring", "", instance_count=len(instances), fingerprint=fingerprint, model_version=model_version
+        )
+        try:
+            scored = self.pipeline.score([self.store.absolute(record.path) for record in instances])
+        except SeriesError as error:
+            self._finish(job, REFUSED, str(error), ids)
+            return
+        except Exception as error:
+            logger.exception("%s: scoring failed", ids)
+            self._finish(job, FAILED, f"scoring failed: {type(error).__name__}: {error}; see the node log", ids)
+            return
+        if self._stop.is_set():
+            return
+        total = scored.result.agatston.get("total")
+        logger.info("%s: scored %d instance(s), total Agatston %s, risk category %s", ids, len(instances), total,
+                    scored.result.risk_category)
+
+        self.jobs.set_state(job.id, WRITING, "", result=scored.result.to_json(), model_version=scored.model_version)
+        try:
+            predecessor = self._predecessor_sr(job, ids)
+            out_dir = self.store.output_folder(job.id)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            written = self.pipeline.write(scored, out_dir, predecessor)
+            self.jobs.record_outputs(
+                job.id, {output.kind: (self.store.relative(output.path), output.sop_instance_uid) for output in written}
+            )
+        except Exception as error:
+            logger.exception("%s: writing the outputs failed", ids)
+            self._finish(job, FAILED, f"writing SEG/SR/summary failed: {type(error).__name__}: {error}", ids)
+            return
+        logger.info("%s: wrote %s", ids, ", ".join(f"{output.kind} {output.sop_instance_uid}" for output in written))
+        if self._stop.is_set():
+            return
+
+        self.jobs.set_state(job.id, SENDING, "")
+        self._send(self.jobs.job(job.id), ids)
+
+    def _predecessor_sr(self, job: Job, ids: str) -> Any:
+        earlier = self.jobs.latest_output(job.series_instance_uid, "sr", before_job_id=job.id)
+        if earlier is None:
+            return None
+        earlier_job, path = earlier
+        try:
+            dataset = dcmread(self.store.absolute(path))
+        except (OSError, InvalidDicomError) as error:
+            raise RuntimeError(
+                f"the SR of job {earlier_job} at {path} cannot be read ({error}); the new SR must reference it"
+            ) from error
+        logger.info("%s: the new SR supersedes SR %s of job %d", ids, dataset.SOPInstanceUID, earlier_job)
+        return dataset
+
+    def _send(self, job: Job, ids: str) -> None:
+        outputs = self.jobs.outputs(job.id)
+        done = {(row["destination"], row["kind"]) for row in self.jobs.sends(job.id) if row["sent"]}
+        plans: list[tuple[Destination, list[str]]] = []
+        for destination in self.settings.destinations:
+            kinds = [kind for kind in sorted(destination.outputs) if kind in outputs and (destination.name, kind) not in done]
+            if kinds:
+                plans.append((destination, kinds))
+
+        reasons: list[str] = []
+        if plans:
+            with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix="cacs-send") as executor:
+                futures = [executor.submit(self._send_to, job, destination, kinds, outputs, ids)
+                           for destination, kinds in plans]
+                for future in futures:
+                    reason = future.result()
+                    if reason:
+                        reasons.append(reason)
+        if self._stop.is_set() and reasons:
+            logger.info("%s: stopped while sending; the rest is sent at the next start", ids)
+            return
+
+        if reasons:
+            self._finish(job, FAILED, "; ".join(reasons) + "; fix the destination, then run `cacs-node retry "
+                         f"{job.id}` to send again", ids)
+            return
+        names = ", ".join(destination.name for destination in self.settings.destinations) or "no destination"
+        self._finish(job, DONE, f"outputs sent to {names}" if self.settings.destinations else
+                     "scored; no [[destinations]] configured, outputs kept under the storage root", ids)
+
+    def _send_to(
+        self, job: Job, destination: Destination, kinds: list[str], outputs: dict[str, tuple[str, str]], ids: str
+    ) -> str:
+        """Send the job's outputs of `kinds` to one destination; return the failure reason or ""."""
+        files = [self.store.absolute(outputs[kind][0]) for kind in kinds]
+        try:
+            report = self.pipeline.send(files, destination, self._stop)
+        except Exception as error:
+            logger.exception("%s: sending to %s failed", ids, destination.name)
+            for kind in kinds:
+                self.jobs.record_send(job.id, destination.name, kind, outputs[kind][1], sent=False, status=None,
+                                      error_comment="", reason=str(error))
+            return f"sending to destination {destination.name!r} failed: {type(error).__name__}: {error}"
+
+        by_path = {Path(result.path).resolve(): result for result in report.instances}
+        for kind, path in zip(kinds, files):
+            result = by_path.get(path.resolve())
+            self.jobs.record_send(
+                job.id,
+                destination.name,
+                kind,
+                outputs[kind][1],
+                sent=bool(result and result.sent),
+                status=result.status if result else None,
+                error_comment=result.error_comment if result else "",
+                reason=result.reason if result else "no result reported for this file",
+            )
+        if report.all_sent and len(report.instances) == len(files):
+            logger.info("%s: sent %s to %s (%s)", ids, ", ".join(kinds), destination.name, report.peer)
+            return ""
+        reason = report.failure_reason() or f"destination {destination.name!r} did not report every file"
+        logger.error("%s: %s", ids, reason)
+        return reason
+
+    def _finish(self, job: Job, state: str, reason: str, ids: str) -> None:
+        self.jobs.set_state(job.id, state, reason)
+        log = logger.info if state == DONE else logger.warning
+        log("%s: %s: %s", ids, state, reason)
