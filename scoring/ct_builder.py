@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_ROOT_UID,
     UID,
     CTImageStorage,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000,
@@ -340,3 +342,128 @@ def write_ct_series(datasets: Sequence[Dataset], folder: str | Path) -> list[Pat
     series_uid = datasets[0].get("SeriesInstanceUID", "") if datasets else ""
     logger.debug("wrote %d CT instances of series %s to %s", len(paths), series_uid, folder)
     return paths
+
+
+def build_enhanced_ct_dataset(
+    values: np.ndarray,
+    *,
+    frame_order: Sequence[int] | None = None,
+    instance_uid: str | None = None,
+    **options: Any,
+) -> Dataset:
+    """Build one Enhanced CT Image Storage dataset whose frames are the slices of `values`.
+
+    values and options: as for `build_ct_datasets` (native transfer syntaxes
+        only). Per-slice rescale values go into per-frame Pixel Value
+        Transformation items; geometry goes into Plane Position (per frame),
+        Plane Orientation and Pixel Measures (shared) functional groups.
+    frame_order: the slice index stored as frame 1, 2, ...; default in order.
+        Tests use a permutation to check that readers sort by position.
+    instance_uid: SOPInstanceUID of the multi-frame instance.
+
+    NOTE: the dataset carries the modules that readers of the frame geometry
+    need, not every module of the Enhanced CT IOD; dciodvfy reports the rest.
+    """
+    transfer_syntax = options.get("transfer_syntax", ExplicitVRLittleEndian)
+    if transfer_syntax not in NATIVE_TRANSFER_SYNTAXES:
+        raise ValueError(f"transfer_syntax {transfer_syntax} is not supported for Enhanced CT; use a native syntax")
+    slices = build_ct_datasets(values, **options)
+    count = len(slices)
+    order = list(range(count)) if frame_order is None else [int(i) for i in frame_order]
+    if sorted(order) != list(range(count)):
+        raise ValueError(f"frame_order {order} is not a permutation of 0..{count - 1}")
+
+    first = slices[0]
+    ds = Dataset()
+    for element in first:
+        if element.keyword in _PER_SLICE_KEYWORDS:
+            continue
+        ds.add(element)
+    ds.SOPClassUID = EnhancedCTImageStorage
+    if instance_uid:
+        ds.SOPInstanceUID = instance_uid
+    ds.ImageType = list(first.ImageType)[:3] + ["NONE"] * (4 - min(3, len(first.ImageType)))
+    ds.NumberOfFrames = count
+    ds.InstanceNumber = 1
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionNumber = 1
+
+    # Shared Functional Groups: Pixel Measures, Plane Orientation, CT X-Ray Details
+    measures = Dataset()
+    measures.PixelSpacing = first.PixelSpacing
+    measures.SliceThickness = first.SliceThickness
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = first.ImageOrientationPatient
+    xray = Dataset()
+    xray.KVP = first.KVP
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([orientation])
+    shared.CTXRayDetailsSequence = DicomSequence([xray])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+
+    # Per-frame Functional Groups: Frame Content, Plane Position, Pixel Value Transformation
+    per_frame = []
+    for frame_index, slice_index in enumerate(order):
+        source = slices[slice_index]
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = slice_index + 1
+        content.DimensionIndexValues = [1, slice_index + 1]
+        position = Dataset()
+        position.ImagePositionPatient = source.ImagePositionPatient
+        transformation = Dataset()
+        transformation.RescaleIntercept = source.RescaleIntercept
+        transformation.RescaleSlope = source.RescaleSlope
+        transformation.RescaleType = "HU"
+        item = Dataset()
+        item.FrameContentSequence = DicomSequence([content])
+        item.PlanePositionSequence = DicomSequence([position])
+        item.PixelValueTransformationSequence = DicomSequence([transformation])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+
+    # Multi-frame Dimension: stack ID and in-stack position
+    uid_seed = options.get("uid_seed")
+    prefix = options.get("uid_prefix", PYDICOM_ROOT_UID)
+    entropy = None if uid_seed is None else [uid_seed, "dimension-organization"]
+    dimension_uid = generate_uid(prefix=prefix, entropy_srcs=entropy)
+    dimensions = []
+    for pointer in (0x00209056, 0x00209057):  # StackID, InStackPositionNumber
+        dimension = Dataset()
+        dimension.DimensionOrganizationUID = dimension_uid
+        dimension.DimensionIndexPointer = pointer
+        dimension.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
+        dimensions.append(dimension)
+    organization = Dataset()
+    organization.DimensionOrganizationUID = dimension_uid
+    ds.DimensionOrganizationSequence = DicomSequence([organization])
+    ds.DimensionIndexSequence = DicomSequence(dimensions)
+
+    ds.PixelData = b"".join(slices[slice_index].PixelData for slice_index in order)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = first.file_meta.TransferSyntaxUID
+    ds.set_original_encoding(transfer_syntax == ImplicitVRLittleEndian, True)
+    return ds
+
+
+#: Attributes that Enhanced CT moves from the top level into functional groups.
+_PER_SLICE_KEYWORDS = frozenset(
+    {
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SliceLocation",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "KVP",
+        "PixelData",
+    }
+)

@@ -189,10 +189,9 @@ def padding_range(header: Dataset) -> tuple[int, int] | None:
         return None
     signed = int(header.get("PixelRepresentation", 0)) == 1
     value = _padding_value_as_stored(header["PixelPaddingValue"].value, signed)
-    limit_element = header.get("PixelPaddingRangeLimit")
-    if limit_element is None or limit_element.value is None:
+    if header.get("PixelPaddingRangeLimit") is None:
         return value, value
-    limit = _padding_value_as_stored(limit_element.value, signed)
+    limit = _padding_value_as_stored(header["PixelPaddingRangeLimit"].value, signed)
     return min(value, limit), max(value, limit)
 
 
