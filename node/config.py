@@ -9,6 +9,7 @@ that is unknown is an error (it is usually a typo of a real key).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -35,6 +36,9 @@ _HOST_NAME_PATTERN = re.compile(
 )
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
 _MAX_PDU_LIMIT = 2**32 - 1
+
+#: Environment variable naming the settings file when --config is not given.
+CONFIG_ENVIRONMENT_VARIABLE = "CACS_NODE_CONFIG"
 _MIN_PDU_SIZE = 4096
 
 
@@ -176,6 +180,11 @@ class NodeSettings:
     destinations: tuple[Destination, ...] = ()
     storage: StorageSection = field(default_factory=StorageSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
+
+
+def default_config_path() -> Path:
+    """The settings file used without --config: $CACS_NODE_CONFIG, else ./node.toml."""
+    return Path(os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or "node.toml")
 
 
 def load_settings(path: str | Path) -> NodeSettings:

@@ -521,23 +521,32 @@ class JobStore:
                 (job_id, time.time(), state, reason),
             )
 
-    def requeue(self, job_id: int, *, force: bool, note: str) -> Job:
-        """Put a job back into received, for `cacs-node retry` or a restart.
+    def requeue(self, job_id: int, *, force: bool, note: str, resend_only: bool = False) -> Job:
+        """Put a job back for the worker, for `cacs-node retry`.
+
+        resend_only: keep the written outputs and the sends that succeeded and
+            move the job to sending, so only what failed is sent again;
+            otherwise the job goes back to received and is scored again.
 
         Raises:
             JobStoreError: no such job.
         """
+        state = SENDING if resend_only else RECEIVED
         with self._transaction() as cursor:
             cursor.execute(
                 "UPDATE jobs SET state = ?, reason = '', force = ?, updated_at = ? WHERE id = ?",
-                (RECEIVED, int(force), time.time(), job_id),
+                (state, int(force), time.time(), job_id),
             )
             if cursor.rowcount != 1:
                 raise JobStoreError(f"job {job_id} not found; `cacs-node status` lists the jobs")
-            cursor.execute("DELETE FROM job_sends WHERE job_id = ?", (job_id,))
+            if resend_only:
+                cursor.execute("DELETE FROM job_sends WHERE job_id = ? AND sent = 0", (job_id,))
+            else:
+                cursor.execute("DELETE FROM job_sends WHERE job_id = ?", (job_id,))
+                cursor.execute("DELETE FROM job_outputs WHERE job_id = ?", (job_id,))
             cursor.execute(
                 "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
-                (job_id, time.time(), RECEIVED, note),
+                (job_id, time.time(), state, note),
             )
         return self.job(job_id)
 

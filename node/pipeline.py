@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.config import OUTPUT_KINDS, Destination, NodeSettings
@@ -166,23 +165,23 @@ def _version_of(model: Any) -> str:
 
 
 def outputs_of(derived: Any, out_dir: Path) -> list[WrittenOutput]:
-    """List the files of `sr_writer.write_outputs`' result by output kind.
+    """List the files of `sr_writer.write_outputs`' DerivedObjects by output kind.
 
-    Accepts attributes named after the output kinds (seg, region_seg, sr,
-    summary) holding a path or None. Each file's SOPInstanceUID is read from
-    the file, because the file name is `<SOPInstanceUID>.dcm` only by
-    convention.
+    DerivedObjects has one dataset (or None) per kind (seg, region_seg, sr,
+    summary) and `paths`, the written files named `<SOPInstanceUID>.dcm`.
+
+    Raises:
+        FileNotFoundError: a dataset has no written file among `paths`.
     """
+    paths = {Path(path).name: Path(path) for path in getattr(derived, "paths", ())}
     written: list[WrittenOutput] = []
     for kind in sorted(OUTPUT_KINDS):
-        value = getattr(derived, f"{kind}_path", None) or getattr(derived, kind, None)
-        if value is None:
+        dataset = getattr(derived, kind, None)
+        if dataset is None:
             continue
-        path = Path(value) if isinstance(value, (str, Path)) else None
-        if path is None:
-            raise TypeError(f"write_outputs returned {type(value).__name__} for {kind}; expected a file path")
-        if not path.is_absolute():
-            path = out_dir / path
-        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        written.append(WrittenOutput(kind=kind, path=path, sop_instance_uid=str(header.SOPInstanceUID)))
+        uid = str(dataset.SOPInstanceUID)
+        path = paths.get(f"{uid}.dcm", out_dir / f"{uid}.dcm")
+        if not path.is_file():
+            raise FileNotFoundError(f"write_outputs returned the {kind} {uid} but no file {path}")
+        written.append(WrittenOutput(kind=kind, path=path, sop_instance_uid=uid))
     return written

@@ -4,7 +4,7 @@ The quiet period is counted from the series' last received instance as
 stored in the job store, so it spans association boundaries: one association
 per image and a series split over several associations behave the same. The
 scheduler also hands the worker jobs that `cacs-node retry` put back into
-"received" from another process.
+received or sending from another process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from node.jobs import RECEIVED, JobStore
+from node.jobs import RECEIVED, SENDING, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CompletionScheduler:
                 job.state,
                 f" ({job.reason})" if job.reason else "",
             )
-        for job in reversed(self.jobs.jobs(states=[RECEIVED])):
+        for job in reversed(self.jobs.jobs(states=[RECEIVED, SENDING])):
             if not self.is_queued(job.id):
                 self.submit(job.id)
                 submitted.append(job.id)

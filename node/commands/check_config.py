@@ -1,0 +1,47 @@
+"""`cacs-node check-config`: validate node.toml and list every problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "validate the node settings file and list every problem with how to fix it"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="settings file to check (default: $CACS_NODE_CONFIG, else ./node.toml)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, default_config_path, load_settings
+
+    path = args.config or default_config_path()
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        print(f"cacs-node check-config: {error}", file=sys.stderr)
+        return 1
+
+    node = settings.node
+    print(f"{path}: valid")
+    print(f"  AE title {node.ae_title} on {node.bind_address}:{node.port}, at most {node.max_associations} associations")
+    peers = ", ".join(f"{peer.ae_title}@{peer.host}" for peer in settings.peers) or "none"
+    print(f"  peers: {peers}{' (unknown peers accepted)' if node.accept_unknown_peers else ''}")
+    for destination in settings.destinations:
+        outputs = ", ".join(sorted(destination.outputs))
+        print(
+            f"  destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port} "
+            f"receives {outputs}"
+        )
+    if not settings.destinations:
+        print("  no destinations: results stay under the storage root")
+    print(f"  storage root {settings.storage.root}, minimum free space {settings.storage.min_free_space_mb} MiB")
+    model = settings.scoring.model_path or "the shipped model"
+    print(f"  model {model} on device {settings.scoring.device}, quiet period {settings.scoring.quiet_period_s} s")
+    if node.uid_root == "1.2.826.0.1.3680043.8.498.":
+        print("  note: uid_root is pydicom's example root; set your organisation's registered root for clinical use")
+    return 0

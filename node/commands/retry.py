@@ -1,0 +1,137 @@
+"""`cacs-node retry JOB`: put a failed or refused job back for the running node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+HELP = "retry a failed or refused job; resolve a conflicting series with --keep-stored or --take-new"
+
+logger = logging.getLogger(__name__)
+
+
+class RetryError(ValueError):
+    """The job cannot be retried as requested; the message says what to do."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", type=int, help="job id as listed by `cacs-node status`")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="settings file naming the storage root (default: $CACS_NODE_CONFIG, else ./node.toml)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="score again even when the job is done or was scored with the same model version",
+    )
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument(
+        "--keep-stored",
+        action="store_true",
+        help="for a conflicting series: keep the first copy of each instance and delete the re-sent copies",
+    )
+    resolution.add_argument(
+        "--take-new",
+        action="store_true",
+        help="for a conflicting series: replace each instance with its latest re-sent copy",
+    )
+
+
+def retry_job(settings, job_id: int, *, force: bool = False, keep_stored: bool = False, take_new: bool = False) -> str:
+    """Resolve a series conflict if asked, then put the job back for the node's worker.
+
+    A job that failed while sending keeps its outputs and sends only what was
+    not stored, unless `force`; any other job is scored again.
+
+    Returns:
+        A sentence describing what was done.
+
+    Raises:
+        RetryError: the job is still running, is done without `force`, or has
+            a conflict and neither `keep_stored` nor `take_new` was given.
+        node.jobs.JobStoreError: no such job.
+    """
+    from node.jobs import ACTIVE_STATES, DONE, FAILED, JobStore
+    from node.storage import InstanceStore
+
+    store = InstanceStore(settings.storage.root, settings.storage.min_free_space_mb)
+    if not store.database_path.is_file():
+        raise RetryError(f"no job database at {store.database_path}; check [storage] root")
+    jobs = JobStore(store.database_path)
+    try:
+        job = jobs.job(job_id)
+        if job.state in ACTIVE_STATES:
+            raise RetryError(f"job {job_id} is still {job.state}; wait until it is done, failed or refused")
+        if job.state == DONE and not force:
+            raise RetryError(f"job {job_id} is done; add --force to score it again")
+
+        conflict = jobs.series_conflict(job.series_instance_uid)
+        resolved = ""
+        if conflict:
+            if not (keep_stored or take_new):
+                raise RetryError(
+                    f"job {job_id}: {conflict}. Add --keep-stored or --take-new to say which copies to score"
+                )
+            resolved = _resolve_conflict(store, jobs, job.series_instance_uid, take_new=take_new)
+
+        resend_only = job.state == FAILED and not force and not resolved and _outputs_present(store, jobs, job_id)
+        note = "retried by an operator" + (f" after {resolved}" if resolved else "")
+        jobs.requeue(job_id, force=force, note=note, resend_only=resend_only)
+        action = "sends the outputs not yet stored" if resend_only else "scores the series again"
+        logger.info("job %d study %s series %s: %s; the node %s", job_id, job.study_instance_uid,
+                    job.series_instance_uid, note, action)
+        return f"job {job_id} queued: the running node {action}" + (f" ({resolved})" if resolved else "")
+    finally:
+        jobs.close()
+
+
+def _outputs_present(store, jobs, job_id: int) -> bool:
+    outputs = jobs.outputs(job_id)
+    return bool(outputs) and all(store.absolute(path).is_file() for path, _uid in outputs.values())
+
+
+def _resolve_conflict(store, jobs, series_uid: str, *, take_new: bool) -> str:
+    from pydicom import dcmread
+
+    conflicts = jobs.conflicts_of_series(series_uid)
+    replacements: dict[str, tuple[str, str, str]] = {}
+    if take_new:
+        latest = {row["sop_instance_uid"]: row for row in conflicts}
+        for sop_uid, row in latest.items():
+            record = jobs.find_instance(sop_uid)
+            if record is None:
+                continue
+            source = store.absolute(row["path"])
+            target = store.absolute(record.path)
+            transfer_syntax = str(dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            store.write_atomically(target, source.read_bytes())
+            replacements[sop_uid] = (record.path, row["digest"], transfer_syntax)
+    jobs.resolve_conflicts(series_uid, replacements)
+    for row in conflicts:
+        store.absolute(row["path"]).unlink(missing_ok=True)
+    if take_new:
+        return f"replaced {len(replacements)} instance(s) with their re-sent copies"
+    return f"kept the stored copies and deleted {len(conflicts)} re-sent copy(ies)"
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, default_config_path, load_settings
+    from node.jobs import JobStoreError
+
+    path = args.config or default_config_path()
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        print(f"cacs-node retry: {error}", file=sys.stderr)
+        return 2
+    try:
+        message = retry_job(settings, args.job, force=args.force, keep_stored=args.keep_stored,
+                            take_new=args.take_new)
+    except (RetryError, JobStoreError) as error:
+        print(f"cacs-node retry: {error}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0

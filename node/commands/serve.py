@@ -1,0 +1,59 @@
+"""`cacs-node serve`: run the node until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+HELP = "run the DICOM node: receive series, score them and send SEG, SR and summary image"
+
+logger = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="settings file (default: $CACS_NODE_CONFIG, else ./node.toml)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, default_config_path, load_settings
+    from node.server import NodeServer
+    from node.storage import StorageError
+
+    path = args.config or default_config_path()
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
+        return 2
+
+    server = NodeServer(settings)
+    try:
+        server.start()
+    except (StorageError, OSError) as error:
+        print(
+            f"cacs-node serve: not starting: {error}; check [node] bind_address/port and [storage] root in {path}",
+            file=sys.stderr,
+        )
+        return 1
+
+    stop = threading.Event()
+
+    def request_stop(signal_number: int, _frame: object) -> None:
+        logger.info("received %s, stopping", signal.Signals(signal_number).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.stop()
+    return 0
