@@ -1,0 +1,213 @@
+"""`cacs-node train`: train the multi-task U-Net (or a comparison model) on annotated series."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+HELP = (
+    "train the calcium segmentation network on the digital phantom and/or a folder of "
+    "annotated series; runs under torchrun for several GPUs or nodes"
+)
+
+logger = logging.getLogger(__name__)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Parse "0-39", "5" or "0-9,20,30-31" into a sorted list of distinct seeds."""
+    seeds: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                first, last = (int(value) for value in part.split("-", 1))
+                if last < first:
+                    raise ValueError
+                seeds.update(range(first, last + 1))
+            else:
+                seeds.add(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid seed list {text!r}: expected numbers and ranges such as 0-39,50"
+            ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"seed list {text!r} names no seed")
+    return sorted(seeds)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", type=Path,
+                        help="folder for last.pt, best.pt and history.json")
+    data = parser.add_argument_group("data")
+    data.add_argument("--phantom-seeds", type=parse_seeds, default=None,
+                      help="phantom seeds to train on, e.g. 0-39 (default 0-39 unless --data)")
+    data.add_argument("--validation-seeds", type=parse_seeds, default=None,
+                      help="phantom seeds for validation, e.g. 1000-1003 (default 1000-1003 "
+                           "unless --validation-data)")
+    data.add_argument("--phantom-slices", type=int, default=None,
+                      help="slices per phantom series (default: the phantom's own default)")
+    data.add_argument("--data", type=Path, default=None,
+                      help="folder of annotated series: case folders holding dicom/, labels.* "
+                           "and regions.*")
+    data.add_argument("--validation-data", type=Path, default=None,
+                      help="folder of annotated validation series, same layout as --data")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--architecture", choices=["mtl", "single", "sequential"], default="mtl",
+                       help="network: multi-task (default), single-task multiclass, sequential")
+    model.add_argument("--weighting", choices=["uncertainty", "static"], default="uncertainty",
+                       help="task loss weighting (default uncertainty)")
+    model.add_argument("--alpha", type=float, default=0.4,
+                       help="region share of the static weighting (default 0.4)")
+
+    run = parser.add_argument_group("optimisation")
+    run.add_argument("--epochs", type=int, default=100, help="maximum epochs (default 100)")
+    run.add_argument("--steps-per-epoch", type=int, default=50,
+                     help="optimisation steps per epoch (default 50)")
+    run.add_argument("--batch-size", type=int, default=8,
+                     help="slices per step and process (default 8)")
+    run.add_argument("--learning-rate", type=float, default=5e-4,
+                     help="Adam learning rate of a new run (default 5e-4)")
+    run.add_argument("--weight-decay", type=float, default=1e-4,
+                     help="L2 weight decay (default 1e-4)")
+    run.add_argument("--patience", type=int, default=10,
+                     help="epochs without a better validation micro-F1 before stopping "
+                          "(default 10)")
+    run.add_argument("--crop-size", type=int, default=256,
+                     help="side of the square training crops in pixels, a multiple of 256 "
+                          "(default 256)")
+    run.add_argument("--validation-crops", type=int, default=32,
+                     help="fixed validation crops (default 32)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--device", default="auto",
+                     help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", type=Path, default=None,
+                       help="continue an interrupted run from its last.pt")
+    start.add_argument("--continue-from", type=Path, default=None,
+                       help="start from these weights at learning rate 1e-4 (active learning)")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="after training, write best.pt without training state to this path")
+    parser.add_argument("--export-fp16", action="store_true",
+                        help="store the exported weights as float16")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scoring import training
+    from scoring.checkpoint import CheckpointError
+
+    try:
+        config = training.TrainingConfig(
+            architecture=args.architecture,
+            weighting=args.weighting,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            patience=args.patience,
+            crop_size=args.crop_size,
+            validation_crops=args.validation_crops,
+            seed=args.seed,
+            threads=args.threads,
+            device=args.device,
+        )
+    except ValueError as error:
+        print(f"cacs-node train: {error}", file=sys.stderr)
+        return 2
+
+    phantom_options = {}
+    if args.phantom_slices is not None:
+        phantom_options["slices"] = args.phantom_slices
+    train_seeds = args.phantom_seeds
+    if train_seeds is None and args.data is None:
+        train_seeds = list(range(40))
+    validation_seeds = args.validation_seeds
+    if validation_seeds is None and args.validation_data is None:
+        validation_seeds = list(range(1000, 1004))
+    overlap = set(train_seeds or ()) & set(validation_seeds or ())
+    if overlap:
+        print(
+            f"cacs-node train: seeds {sorted(overlap)} are in both the training and the "
+            "validation set; choose disjoint seeds",
+            file=sys.stderr,
+        )
+        return 2
+
+    try:
+        train_cases = []
+        validation_cases = []
+        if train_seeds:
+            logger.info("generating %d phantom training series", len(train_seeds))
+            train_cases += training.phantom_cases(train_seeds, **phantom_options)
+        if args.data is not None:
+            train_cases += training.folder_cases(args.data)
+        if validation_seeds:
+            validation_cases += training.phantom_cases(validation_seeds, **phantom_options)
+        if args.validation_data is not None:
+            validation_cases += training.folder_cases(args.validation_data)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"cacs-node train: {error}", file=sys.stderr)
+        return 2
+
+    description = _describe_data(train_seeds, validation_seeds, args)
+    try:
+        outcome = training.train(
+            config,
+            train_cases,
+            validation_cases,
+            args.output_dir,
+            resume=args.resume,
+            continue_from=args.continue_from,
+            data_description=description,
+            progress=not args.no_progress,
+        )
+    except (CheckpointError, ValueError) as error:
+        print(f"cacs-node train: {error}", file=sys.stderr)
+        return 2
+
+    history_path = args.output_dir / "history.json"
+    if outcome.history:
+        history_path.write_text(json.dumps(outcome.history, indent=2))
+    print(
+        f"trained {config.model_name} for {outcome.epochs_run} epochs; best validation "
+        f"micro-F1 {outcome.best_micro_f1:.3f} at epoch {outcome.best_epoch}"
+    )
+    print(f"checkpoints: {outcome.best_checkpoint_path} (best), {outcome.checkpoint_path} (last)")
+    if args.export is not None:
+        version = training.export_model(
+            outcome.best_checkpoint_path, args.export, half_precision=args.export_fp16
+        )
+        print(f"exported model {version} to {args.export}")
+    return 0
+
+
+def _describe_data(train_seeds, validation_seeds, args: argparse.Namespace) -> str:
+    parts = []
+    if train_seeds:
+        parts.append(f"phantom seeds {_seed_text(train_seeds)}")
+    if args.data is not None:
+        parts.append(f"annotated series under {args.data}")
+    if validation_seeds:
+        parts.append(f"validation phantom seeds {_seed_text(validation_seeds)}")
+    if args.validation_data is not None:
+        parts.append(f"validation series under {args.validation_data}")
+    if args.phantom_slices is not None:
+        parts.append(f"{args.phantom_slices} slices per phantom series")
+    return "; ".join(parts)
+
+
+def _seed_text(seeds: list[int]) -> str:
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(str(seed) for seed in seeds)
