@@ -2,7 +2,7 @@
 
 `run_orthanc` starts `/usr/sbin/Orthanc` (Debian package `orthanc`) with its
 storage in a temporary folder, no plugins and no remote access, waits until
-its REST API answers `/system`, and stops it afterwards. `OrthancServer`
+its REST API responds to `/system`, and stops it afterwards. `OrthancServer`
 queries it over REST with urllib.
 """
 
@@ -23,19 +23,6 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC_BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "Orthanc")
-
-#: Lua script that makes Orthanc refuse every Segmentation object, standing in
-#: for a PACS that does not store DICOM SEG. Orthanc 1.10 calls
-#: ReceivedInstanceFilter for each C-STORE request and answers a failure status
-#: when it returns false.
-REFUSE_SEG_LUA = """
-function ReceivedInstanceFilter(dicom, origin, info)
-  if dicom.Modality == 'SEG' then
-    return false
-  end
-  return true
-end
-"""
 
 
 def find_orthanc() -> str | None:
@@ -74,7 +61,7 @@ class OrthancServer:
             return response.read()
 
     def post_json(self, path: str, body: Any) -> Any:
-        """POST a JSON body to `path` and decode the JSON answer."""
+        """POST a JSON body to `path` and decode the JSON response."""
         request = urllib.request.Request(
             self.rest_url + path,
             data=json.dumps(body).encode(),
@@ -118,7 +105,7 @@ def _wait_for_rest(url: str, process: subprocess.Popen, deadline_s: float, log_p
             last_error = str(error)
         time.sleep(0.1)  # poll interval while Orthanc opens its database
     raise TimeoutError(
-        f"Orthanc did not answer {url}/system within {deadline_s:g} s (last error: {last_error}); "
+        f"Orthanc did not respond to {url}/system within {deadline_s:g} s (last error: {last_error}); "
         f"its log {log_path} ends with:\n{_tail(log_path)}"
     )
 
@@ -150,14 +137,16 @@ def run_orthanc(
     modalities
         DicomModalities entries, name -> [AE title, host, port].
     lua_script
-        Lua code loaded at start-up (e.g. `REFUSE_SEG_LUA`).
+        Lua code loaded at start-up. NOTE: in Orthanc 1.10 a
+        ReceivedInstanceFilter that returns false drops the instance but the
+        C-STORE response is still 0x0000, so it cannot simulate a refusal.
 
     Raises
     ------
     RuntimeError
         If Orthanc is not installed or exits while starting.
     TimeoutError
-        If its REST API does not answer within `start_timeout_s`.
+        If its REST API does not respond within `start_timeout_s`.
     """
     binary = find_orthanc()
     if binary is None:
