@@ -57,10 +57,11 @@ LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
 )
 
 #: When an instance declares no PixelPaddingValue, HU at or below this value
-#: are masked as padding. Vendors fill the area outside the reconstruction
-#: circle with −2000, −2048 or −3024 HU without declaring it, and no tissue or
-#: air is below −1024 HU apart from noise (the QRM phantom scan bottoms out at
-#: −1312 HU inside its circle).
+#: are masked as padding. Some scanners fill the area outside the
+#: reconstruction circle with −2000, −2048 or −3024 HU without declaring it.
+#: No tissue or air is below −1024 HU apart from noise. NOTE: the margin to
+#: noise is an estimate from one 120 kVp scanner, whose darkest pixel inside
+#: the circle is −1312 HU.
 UNDECLARED_PADDING_MAX_HU = -2000.0
 
 #: (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data.
@@ -82,12 +83,12 @@ def check_lossless(header: Dataset, transfer_syntax: str | None, name: str) -> N
     header: the instance (pixel data not needed).
     transfer_syntax: its TransferSyntaxUID, None for an in-memory dataset
         without file meta (read as native little endian).
-    name: how error messages name the instance (SOPInstanceUID or file name).
+    name: how error messages name the instance, such as "instance 1.2.3" or "file /path".
     """
     if str(header.get("LossyImageCompression", "")).strip() == "01":
         method = header.get("LossyImageCompressionMethod", "not recorded")
         raise PixelDataError(
-            f"instance {name} has LossyImageCompression 01 (method {method}): its pixels were "
+            f"{name} has LossyImageCompression 01 (method {method}): its pixels were "
             "compressed with loss, which shifts HU around the 130 HU calcium threshold; "
             "send the original uncompressed or lossless series"
         )
@@ -98,13 +99,13 @@ def check_lossless(header: Dataset, transfer_syntax: str | None, name: str) -> N
     syntax_name = UID(transfer_syntax).name
     if transfer_syntax in LOSSY_TRANSFER_SYNTAXES:
         raise PixelDataError(
-            f"instance {name} uses transfer syntax {syntax_name} ({transfer_syntax}), which allows "
+            f"{name} uses transfer syntax {syntax_name} ({transfer_syntax}), which allows "
             "lossy compression that shifts HU around the 130 HU calcium threshold; send the series "
             "uncompressed or with a lossless syntax (RLE, JPEG Lossless, JPEG-LS Lossless, "
             "JPEG 2000 Lossless Only)"
         )
     raise PixelDataError(
-        f"instance {name} uses transfer syntax {syntax_name} ({transfer_syntax}), which the "
+        f"{name} uses transfer syntax {syntax_name} ({transfer_syntax}), which the "
         "loader does not decode; send the series uncompressed or with a lossless syntax "
         "(RLE, JPEG Lossless, JPEG-LS Lossless, JPEG 2000 Lossless Only)"
     )
@@ -142,11 +143,11 @@ def decode_stored_values(dataset: Dataset, name: str) -> np.ndarray:
     pixel, lossy, or fails to decode.
     """
     if "PixelData" not in dataset:
-        raise PixelDataError(f"instance {name} has no PixelData (7FE0,0010); send the image instances of the series")
+        raise PixelDataError(f"{name} has no PixelData (7FE0,0010); send the image instances of the series")
     samples = int(dataset.get("SamplesPerPixel", 1))
     if samples != 1:
         raise PixelDataError(
-            f"instance {name} has SamplesPerPixel {samples}; a CT image has 1 (grayscale); "
+            f"{name} has SamplesPerPixel {samples}; a CT image has 1 (grayscale); "
             "send the original CT series, not a rendered image"
         )
     transfer_syntax = transfer_syntax_of(dataset)
@@ -159,7 +160,7 @@ def decode_stored_values(dataset: Dataset, name: str) -> np.ndarray:
         pixels = dataset.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError) as error:
         raise PixelDataError(
-            f"instance {name}: decoding pixel data with transfer syntax {UID(transfer_syntax).name} "
+            f"{name}: decoding pixel data with transfer syntax {UID(transfer_syntax).name} "
             f"failed ({error}); check that the file is complete and that pylibjpeg and its "
             "plugins are installed"
         ) from error

@@ -39,3 +39,7 @@ class LabelError(ValueError):
 
 class MissingUIDError(SeriesError):
     """The series lacks SeriesInstanceUID or SOPInstanceUIDs, so derived objects cannot reference it."""
+
+
+class DamagedInstanceError(SeriesError):
+    """A DICOM file of the input cannot be read completely, so a slice may be missing unnoticed."""

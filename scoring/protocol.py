@@ -155,9 +155,9 @@ def check_protocol(
     elif not body_part:
         logger.info("series %s: BodyPartExamined is not recorded; not flagged", series)
 
-    refused = [flag for action, flag in found if action == "refuse"]
-    if refused:
-        reasons = "; ".join(flag.message for flag in refused)
+    rejected = [flag for action, flag in found if action == "refuse"]
+    if rejected:
+        reasons = "; ".join(flag.message for flag in rejected)
         raise ProtocolRefusedError(
             f"series {series} is not a calcium-scoring acquisition: {reasons}. "
             "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy"

@@ -5,15 +5,19 @@ Steps of `load_series`:
 1. Read every file's header (pixel data deferred, not read). Files that are
    not DICOM are dropped with a logged reason.
 2. Keep instances of CT Image Storage, Enhanced CT Image Storage and Legacy
-   Converted Enhanced CT Image Storage that have pixel data, are not
-   localizers (ImageType LOCALIZER) and are axial (slice normal within
-   AXIAL_MAX_OBLIQUITY_DEG of the patient's z axis). ORIGINAL and DERIVED
-   images are both valid. Everything else is dropped with a logged reason.
-   A second copy of a SOPInstanceUID is dropped too.
+   Converted Enhanced CT Image Storage that are not localizers (ImageType
+   LOCALIZER) and are axial (slice normal within AXIAL_MAX_OBLIQUITY_DEG of
+   the patient's z axis). ORIGINAL and DERIVED images are both valid.
+   Everything else is dropped with a logged reason, and so is a second copy
+   of a SOPInstanceUID. A damaged file is an error, not a drop, because a
+   dropped slice at either end of the stack would go unnoticed: a DICOM file
+   that fails to parse, an empty one, one whose SOPClassUID differs from its
+   MediaStorageSOPClassUID, and a CT image without pixel data or orientation
+   raise DamagedInstanceError.
 3. Group by SeriesInstanceUID. Instances without one form a single group
-   named "(no SeriesInstanceUID)"; it is decoded and checked like any other,
-   but `load_series` raises MissingUIDError at the end, because SEG and SR
-   must reference real UIDs.
+   named "(no SeriesInstanceUID)". That group is decoded and checked like any
+   other, so protocol errors come first. Then `load_series` raises
+   MissingUIDError, because SEG and SR must reference real UIDs.
 4. Pick the series (`select_series`): the one requested by UID, else the
    only one, else the one whose nominal SliceThickness is closest to 3.0 mm.
    A tie raises AmbiguousSeriesError naming every tied series. Series are
@@ -46,7 +50,13 @@ from scoring.dicom_pixels import (
     strip_pixel_data,
     transfer_syntax_of,
 )
-from scoring.errors import AmbiguousSeriesError, MissingUIDError, NoEligibleSeriesError, SeriesError
+from scoring.errors import (
+    AmbiguousSeriesError,
+    DamagedInstanceError,
+    MissingUIDError,
+    NoEligibleSeriesError,
+    SeriesError,
+)
 from scoring.protocol import check_protocol, kvp_of
 from scoring.slice_geometry import (
     SliceRecord,
@@ -73,7 +83,7 @@ CT_SOP_CLASSES = frozenset(
 #: Largest angle between the slice normal and the patient's z axis for an axial slice.
 AXIAL_MAX_OBLIQUITY_DEG = 10.0
 
-#: Nominal slice thickness preferred when a source holds several eligible series.
+#: Nominal slice thickness preferred when a source contains several eligible series.
 PREFERRED_SLICE_THICKNESS_MM = 3.0
 
 #: Pixel data is not read while headers are scanned; values larger than this are deferred.
@@ -129,18 +139,29 @@ def _read_file(path: Path) -> _Instance | None:
         logger.info("dropped %s: not a DICOM file (no DICM prefix)", path)
         return None
     except (OSError, EOFError, ValueError) as error:
-        logger.warning("dropped %s: cannot be read as DICOM (%s)", path, error)
-        return None
+        raise DamagedInstanceError(
+            f"file {path} has a DICOM prefix but cannot be read ({error}); "
+            "remove the file or re-send the series"
+        ) from error
+    if len(dataset) == 0:
+        raise DamagedInstanceError(
+            f"file {path} has a DICOM prefix but no data elements; remove the file or re-send the series"
+        )
     return _make_instance(dataset, _instance_name(dataset, f"file {path}"))
 
 
 def _make_instance(dataset: Dataset, name: str) -> _Instance:
     sop_class = str(dataset.get("SOPClassUID", "") or "")
-    if not sop_class:
-        file_meta = getattr(dataset, "file_meta", None)
-        sop_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta is not None else ""
-        if sop_class:
-            logger.debug("%s has an empty SOPClassUID; using MediaStorageSOPClassUID %s", name, sop_class)
+    file_meta = getattr(dataset, "file_meta", None)
+    media_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta is not None else ""
+    if sop_class and media_class and sop_class != media_class:
+        raise DamagedInstanceError(
+            f"{name} has SOPClassUID {sop_class} but MediaStorageSOPClassUID {media_class}; "
+            "the file is damaged or was edited inconsistently; remove it or re-send the series"
+        )
+    if not sop_class and media_class:
+        sop_class = media_class
+        logger.debug("%s has an empty SOPClassUID; using MediaStorageSOPClassUID %s", name, sop_class)
     return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset))
 
 
@@ -186,19 +207,27 @@ def _orientation_of(instance: _Instance) -> object:
 
 
 def ineligibility_reason(instance: _Instance) -> str | None:
-    """Return why an instance cannot be part of a scored series, None when it can."""
+    """Return why an instance cannot be part of a scored series, None when it can.
+
+    Raises DamagedInstanceError for a CT image without pixel data or orientation.
+    """
     dataset = instance.dataset
     if instance.sop_class_uid not in CT_SOP_CLASSES:
         class_name = UID(instance.sop_class_uid).name if instance.sop_class_uid else "no SOP Class UID"
         return f"SOP class {class_name} is not a CT image"
-    if "PixelData" not in dataset:
-        return "no pixel data"
     image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return f"localizer (ImageType {'/'.join(image_type)})"
+    if "PixelData" not in dataset:
+        raise DamagedInstanceError(
+            f"{instance.name} is a CT image without PixelData (7FE0,0010); remove it or re-send the series"
+        )
     orientation = _orientation_of(instance)
     if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
-        return "no ImageOrientationPatient"
+        raise DamagedInstanceError(
+            f"{instance.name} is a CT image without a valid ImageOrientationPatient ({orientation!r}); "
+            "remove it or re-send the series"
+        )
     try:
         normal = slice_normal(np.asarray([float(v) for v in orientation], dtype=np.float64))  # type: ignore[union-attr]
     except (TypeError, ValueError, SeriesError) as error:
@@ -346,7 +375,7 @@ def load_series(
     source: a folder (searched recursively), a file, or a sequence of file
         paths and pydicom Datasets (Datasets are not modified).
     policy: what to do on protocol deviations (flag or refuse).
-    series_instance_uid: the series to load when the source holds several.
+    series_instance_uid: the series to load when the source contains several.
 
     Raises (all SeriesError subclasses, messages name the values involved):
     NoEligibleSeriesError (no CT series, or the requested one is absent),
@@ -355,7 +384,8 @@ def load_series(
     SliceSpacingError (gap, duplicate position, gantry tilt, single slice),
     PixelDataError (missing rescale, lossy or undecodable pixels),
     ProtocolRefusedError (a deviation whose policy is "refuse"),
-    MissingUIDError (no SeriesInstanceUID or SOPInstanceUID).
+    MissingUIDError (no SeriesInstanceUID or SOPInstanceUID),
+    DamagedInstanceError (a file that cannot be read completely).
     Raises TypeError when `source` is not a path or a sequence.
     """
     instances = _read_source(source)
@@ -369,7 +399,7 @@ def load_series(
     instances = groups[series]
     logger.info("loading series %s: %d instances, %d images", series, chosen.instance_count, chosen.image_count)
 
-    # Refuse lossy pixels before any decoding work.
+    # Reject lossy pixels before any decoding work.
     for instance in instances:
         check_lossless(instance.dataset, instance.transfer_syntax, instance.name)
 

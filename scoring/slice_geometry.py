@@ -10,8 +10,8 @@ Rules (constants below):
   (two acquisitions in one series); the series is rejected, naming both.
 - A step that deviates from the median step by more than
   max(POSITION_TOLERANCE_MM, GAP_RELATIVE_TOLERANCE × median) is a gap or an
-  irregular spacing: a missing slice in a 3 mm series (a 6 mm step) trips it,
-  1e-6 mm of float jitter does not.
+  irregular spacing. A missing slice in a 3 mm series (a 6 mm step) trips it,
+  but 1e-6 mm of float jitter does not.
 - A step with a component perpendicular to the normal larger than
   POSITION_TOLERANCE_MM means the slices are sheared (gantry tilt) and the
   series is rejected.

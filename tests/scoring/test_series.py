@@ -26,6 +26,7 @@ from scoring.config import ProtocolPolicy
 from scoring.ct_builder import build_ct_datasets, build_enhanced_ct_dataset, write_ct_series
 from scoring.errors import (
     AmbiguousSeriesError,
+    DamagedInstanceError,
     InconsistentGeometryError,
     MissingUIDError,
     NoEligibleSeriesError,
@@ -188,6 +189,29 @@ def test_load_series_duplicate_file_copy_dropped(tmp_path: Path) -> None:
     write_ct_series([datasets[1]], tmp_path / "copy")
     volume = load_series(tmp_path)
     assert volume.shape[0] == 3
+
+
+@pytest.mark.parametrize(
+    ("kept_bytes", "error", "message"),
+    [
+        # 132 bytes: the 128-byte preamble and "DICM", nothing else.
+        (132, DamagedInstanceError, "has a DICOM prefix but no data elements"),
+        # 400 bytes end inside the dataset's SOPClassUID, so it differs from the file meta.
+        (400, DamagedInstanceError, "has SOPClassUID 1.2.840.1000 but MediaStorageSOPClassUID"),
+        # 700 bytes end before (7FE0,0010).
+        (700, DamagedInstanceError, "is a CT image without PixelData"),
+        # All but the last 500 of 2048 pixel bytes.
+        (-500, PixelDataError, r"less than expected \(1548 vs 2048 bytes\)"),
+    ],
+    ids=["preamble-only", "inside-header", "before-pixels", "inside-pixels"],
+)
+def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, error: type, message: str) -> None:
+    # A 3-slice series of 32 x 32 signed 16-bit pixels: 2048 pixel bytes per file.
+    make_series_dir(tmp_path, blank_hu(slices=3), uid_seed="truncated")
+    damaged = sorted(tmp_path.iterdir())[1]
+    damaged.write_bytes(damaged.read_bytes()[:kept_bytes])
+    with pytest.raises(error, match=message):
+        load_series(tmp_path)
 
 
 # --- slice spacing and geometry errors ---------------------------------------
@@ -502,8 +526,8 @@ def test_load_series_qrm_scan_padding_masked(qrm_dicom_dir: Path) -> None:
     assert volume.kvp == 120.0
     assert volume.flags == ()
     assert volume.pixel_spacing == (0.488, 0.488)
-    # 2 933 337 voxels are stored as −2048 (counted with numpy over the 47 files);
-    # the scan declares no PixelPaddingValue, so the undeclared-padding rule masks them.
+    # 2 933 337 voxels are stored as −2048 (counted with numpy over the 47 files).
+    # The scan declares no PixelPaddingValue, so the undeclared-padding rule masks them.
     assert int(volume.padding_mask.sum()) == 2_933_337
     assert float(volume.hu[~volume.padding_mask].min()) == -1312.0
     assert float(volume.hu.max()) == 1275.0
