@@ -102,14 +102,16 @@ RISK_CATEGORIES: dict[str, CodedConcept] = {
     "IV": _private("RISK-IV", "Risk category IV: Agatston score 300 or above"),
 }
 
-#: Private values of PROTOCOL_DEVIATION, keyed by ProtocolFlag.code.
+#: Private values of PROTOCOL_DEVIATION, keyed by ProtocolFlag.code. Code
+#: values stay within the 16 characters of an SH Code Value, so
+#: MASS_UNCALIBRATED is written as MASS_UNCALIB.
 PROTOCOL_FLAGS: dict[str, CodedConcept] = {
     "KVP": _private("KVP", "Tube voltage other than 120 kVp"),
     "SLICE_THICKNESS": _private("SLICE_THICKNESS", "Slice thickness outside 2.5 to 3.0 mm"),
     "SLICE_INCREMENT": _private("SLICE_INCREMENT", "Slice increment outside 2.5 to 3.0 mm"),
     "CONTRAST": _private("CONTRAST", "Contrast agent recorded"),
     "BODY_PART": _private("BODY_PART", "Body part examined neither chest nor heart"),
-    "MASS_UNCALIBRATED": _private("MASS_UNCALIBRATED", "Mass score without scanner calibration"),
+    "MASS_UNCALIBRATED": _private("MASS_UNCALIB", "Mass score without scanner calibration"),
 }
 
 # CAC-DRS grade "A0", or "A1" to "A3" with "/N" and the number of arteries
