@@ -136,6 +136,30 @@ def _host_addresses(host: str) -> set[str]:
     return {_normalised_address(str(info[4][0])) for info in infos}
 
 
+def _check_structure(dataset: Dataset, total_length: int) -> None:
+    """Raise ValueError when the parsed dataset shows it is not a readable DICOM dataset.
+
+    pydicom reads leniently: a value whose declared length runs past the end
+    is cut short and arbitrary bytes become private elements. So each
+    top-level element's declared extent is checked against the received
+    length, every value is converted once, and a dataset without SOP Class
+    UID and SOP Instance UID is treated as not understood.
+    """
+    undefined_length = 0xFFFFFFFF
+    for element in dataset.elements():
+        length = getattr(element, "length", undefined_length)
+        value_tell = getattr(element, "value_tell", None)
+        if value_tell is not None and length != undefined_length and value_tell + length > total_length:
+            raise ValueError(
+                f"element {element.tag} declares {length} bytes at offset {value_tell} "
+                f"but the dataset ends at {total_length}"
+            )
+    for element in dataset:
+        element.value  # noqa: B018 - converting every value makes a corrupt one raise here
+    if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
+        raise ValueError("no SOP Class UID and no SOP Instance UID found; the bytes are not a DICOM dataset")
+
+
 def _failure(status: int, comment: str) -> Dataset:
     response = Dataset()
     response.Status = status
@@ -302,12 +326,11 @@ class StorageSCP:
             return _failure(STATUS_OUT_OF_RESOURCES, "node storage below its free space minimum"), "out-of-space"
 
         # Parse the dataset as sent, without decoding pixel data.
-        encoded = event.encoded_dataset(include_meta=False)
         transfer_syntax = str(event.context.transfer_syntax)
+        file_bytes = event.encoded_dataset(include_meta=True)
         try:
-            dataset = dcmread(BytesIO(event.encoded_dataset(include_meta=True)))
-            for element in dataset:
-                element.value  # noqa: B018 - converts every value, so a corrupt one raises here
+            dataset = dcmread(BytesIO(file_bytes))
+            _check_structure(dataset, len(file_bytes))
         except Exception as error:
             logger.error(
                 "C-STORE %s from %s answered 0xC210: dataset cannot be parsed (%s: %s)",
@@ -323,11 +346,13 @@ class StorageSCP:
             return checked, "rejected"
         study_uid, series_uid, sop_uid = checked
 
-        digest = hashlib.sha256(encoded).hexdigest()
+        # The digest covers the dataset as sent, without the file meta that
+        # the node adds, so an identical re-send has the same digest.
+        digest = hashlib.sha256(event.encoded_dataset(include_meta=False)).hexdigest()
         lock = self._locks[hash(sop_uid) % _LOCK_STRIPES]
         with lock:
             return self._file_instance(
-                event.encoded_dataset(include_meta=True),
+                file_bytes,
                 study_uid,
                 series_uid,
                 sop_uid,

@@ -1,0 +1,117 @@
+"""Tests of node.config: the shipped node.toml, validation messages, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, NodeSettings, load_settings, parse_settings
+from tests.conftest import REPOSITORY_ROOT
+
+
+def test_load_settings_shipped_file_matches_defaults() -> None:
+    settings = load_settings(REPOSITORY_ROOT / "node.toml")
+    defaults = NodeSettings()
+
+    # The shipped file documents every key with its default value.
+    assert settings.node == defaults.node
+    assert settings.storage == defaults.storage
+    assert settings.scoring == defaults.scoring
+    assert [(peer.ae_title, peer.host) for peer in settings.peers] == [("SCANNER", "127.0.0.1")]
+    assert settings.destinations[0].outputs == frozenset({"seg", "sr", "summary"})
+    assert settings.destinations[0].retry_backoff_s == 10.0
+
+
+def test_parse_settings_many_problems_lists_all(tmp_path: Path) -> None:
+    text = """
+[node]
+ae_title = "A_TITLE_OF_TWENTY_CH"
+port = 0
+max_pdu_size = 100
+uid_root = "1.2.03."
+colour = "red"
+accept_unknown_peers = 1
+[[peers]]
+ae_title = "SCANNER"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "bad host!"
+port = 4242
+outputs = ["seg", "pdf"]
+[scoring]
+kvp_policy = "ignore"
+device = "tpu"
+quiet_period_s = 0
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, base_dir=tmp_path, source="bad.toml")
+    problems = caught.value.problems
+
+    # One message per wrong key, each naming key and value.
+    expected_fragments = [
+        "[node] colour: unknown key",
+        "[node] accept_unknown_peers = 1: expected true or false",
+        "[node] ae_title = 'A_TITLE_OF_TWENTY_CH': 20 characters",
+        "[node] port = 0: a TCP port is between 1 and 65535",
+        "[node] max_pdu_size = 100",
+        "[node] uid_root = '1.2.03.'",
+        "[[peers]] #1 host: missing",
+        "[[destinations]] #1 outputs = ['seg', 'pdf']: unknown output(s) pdf",
+        "[[destinations]] #1 host = 'bad host!'",
+        "[scoring] kvp_policy = 'ignore'",
+        "[scoring] device = 'tpu'",
+        "[scoring] quiet_period_s = 0.0: must be more than 0",
+    ]
+    for fragment in expected_fragments:
+        assert any(fragment in problem for problem in problems), fragment
+    assert len(problems) == len(expected_fragments)
+    assert "bad.toml: 12 problem(s)" in str(caught.value)
+
+
+def test_parse_settings_invalid_toml_names_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        parse_settings("[node]\nport = = 3\n", base_dir=tmp_path)
+
+
+def test_load_settings_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the settings file"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_parse_settings_relative_paths_resolve_against_file(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    text = '[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\nquiet_period_s = 2\n'
+
+    settings = parse_settings(text, base_dir=tmp_path)
+
+    assert settings.storage.root == tmp_path / "data"
+    assert settings.scoring.model_path == tmp_path / "model.pt"
+    # An integer in a float key is accepted and converted.
+    assert settings.scoring.quiet_period_s == 2.0
+
+
+def test_parse_settings_missing_model_file_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model_path = 'absent.pt': no file at .*absent.pt"):
+        parse_settings('[scoring]\nmodel_path = "absent.pt"\n', base_dir=tmp_path)
+
+
+def test_parse_settings_duplicate_destination_names_rejected(tmp_path: Path) -> None:
+    text = (
+        '[[destinations]]\nname = "pacs"\nae_title = "A"\nhost = "127.0.0.1"\nport = 104\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "B"\nhost = "127.0.0.1"\nport = 105\n'
+    )
+    with pytest.raises(ConfigError, match=r"name = 'pacs': used by an earlier destination"):
+        parse_settings(text, base_dir=tmp_path)
+
+
+def test_scoring_section_policies_reach_protocol_policy(tmp_path: Path) -> None:
+    text = '[scoring]\nkvp_policy = "refuse"\ncontrast_policy = "flag"\nmass_calibration_factor = 0.8\n'
+
+    scoring = parse_settings(text, base_dir=tmp_path).scoring
+
+    assert scoring.protocol_policy().kvp == "refuse"
+    assert scoring.protocol_policy().contrast == "flag"
+    assert scoring.protocol_policy().thickness == "flag"
+    assert scoring.scoring_parameters().mass_calibration_factor == 0.8

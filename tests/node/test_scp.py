@@ -1,0 +1,243 @@
+"""Tests of node.scp over real sockets on 127.0.0.1: association checks and C-STORE statuses."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pynetdicom._config
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+
+from node.jobs import REFUSED
+from node.server import NodeServer
+from tests.factories import make_ct_datasets, make_series_dir
+from tests.node.helpers import (
+    NODE_AE,
+    SCANNER_AE,
+    FakePipeline,
+    associate,
+    make_settings,
+    store_all,
+    wait_for,
+)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeServer]:
+    server = NodeServer(make_settings(tmp_path / "storage", max_associations=2), pipeline=FakePipeline())
+    server.start()
+    yield server
+    server.stop()
+
+
+def _rejection(port: int, **options: str) -> tuple[int, int, int]:
+    ae, assoc = associate(port, **options)
+    try:
+        assert assoc.is_rejected, "association was not rejected"
+        primitive = assoc.acceptor.primitive
+        return int(primitive.result), int(primitive.result_source), int(primitive.diagnostic)
+    finally:
+        ae.shutdown()
+
+
+def _raw_file(path: Path, sop_class_in_meta: str, sop_instance: str, body: bytes) -> Path:
+    """Write a Part 10 file whose meta names `sop_class_in_meta`, followed by `body` as the dataset."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_in_meta
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    stream = BytesIO()
+    stream.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(stream, meta, enforce_standard=True)
+    path.write_bytes(stream.getvalue() + body)
+    return path
+
+
+def test_echoscu_node_returns_success(node: NodeServer) -> None:
+    completed = subprocess.run(
+        ["echoscu", "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
+        capture_output=True, text=True, timeout=30,
+    )
+    # echoscu exits 0 only when the C-ECHO response status is 0x0000.
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_associate_unknown_calling_ae_rejected_1_1_3(node: NodeServer) -> None:
+    assert _rejection(node.port, calling="INTRUDER") == (1, 1, 3)
+
+
+def test_associate_calling_ae_case_differs_rejected_1_1_3(node: NodeServer) -> None:
+    assert _rejection(node.port, calling="scanner") == (1, 1, 3)
+
+
+def test_associate_wrong_called_ae_rejected_1_1_7(node: NodeServer) -> None:
+    assert _rejection(node.port, called="OTHER_NODE") == (1, 1, 7)
+
+
+def test_associate_called_ae_case_differs_rejected_1_1_7(node: NodeServer) -> None:
+    assert _rejection(node.port, called="cacs_node") == (1, 1, 7)
+
+
+def test_associate_over_limit_rejected_2_3_2(node: NodeServer) -> None:
+    # The fixture allows 2 associations: the third is one over the limit.
+    held = [associate(node.port) for _ in range(2)]
+    try:
+        assert all(assoc.is_established for _ae, assoc in held)
+        assert _rejection(node.port) == (2, 3, 2)
+    finally:
+        for ae, assoc in held:
+            assoc.release()
+            ae.shutdown()
+
+
+def test_associate_contexts_negotiated_per_syntax(node: NodeServer) -> None:
+    contexts = [
+        (CT_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+        (CT_IMAGE_STORAGE, [RLELossless]),
+        (CT_IMAGE_STORAGE, [JPEGBaseline8Bit]),
+        (MR_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+    ]
+    ae, assoc = associate(node.port, contexts=contexts)
+    try:
+        assert assoc.is_established
+        accepted = sorted(str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts)
+        results = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx.result for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+    # The same SOP class in two contexts with lossless syntaxes: both accepted.
+    assert accepted == sorted([ExplicitVRLittleEndian, RLELossless])
+    # PS3.8 Table 9-18: 4 = transfer syntaxes not supported, 3 = abstract syntax not supported.
+    assert results[(CT_IMAGE_STORAGE, JPEGBaseline8Bit)] == 4
+    assert results[(MR_IMAGE_STORAGE, ExplicitVRLittleEndian)] == 3
+
+
+def test_storescu_series_stored_byte_identical(node: NodeServer, tmp_path: Path) -> None:
+    datasets = make_series_dir(tmp_path / "series", uid_seed="storescu")
+    files = sorted((tmp_path / "series").glob("*.dcm"))
+
+    completed = subprocess.run(
+        ["storescu", "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port), *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert node.jobs is not None
+    stored = node.jobs.series_instances(str(datasets[0].SeriesInstanceUID))
+    assert len(stored) == 5
+    for record in stored:
+        original = pydicom.dcmread(tmp_path / "series" / f"{record.sop_instance_uid}.dcm")
+        copy = pydicom.dcmread(node.store.absolute(record.path))
+        # Pixel data is stored as received, never decoded and re-encoded.
+        assert copy.PixelData == original.PixelData
+        assert copy.SeriesInstanceUID == original.SeriesInstanceUID
+
+
+def test_store_rle_instance_kept_compressed(node: NodeServer) -> None:
+    datasets = make_ct_datasets(transfer_syntax=RLELossless, uid_seed="rle")
+
+    statuses = store_all(node.port, datasets[:1], contexts=[(CT_IMAGE_STORAGE, [RLELossless])])
+
+    assert statuses == [0x0000]
+    assert node.jobs is not None
+    record = node.jobs.find_instance(str(datasets[0].SOPInstanceUID))
+    assert record is not None
+    assert record.transfer_syntax_uid == RLELossless
+    stored = pydicom.dcmread(node.store.absolute(record.path))
+    assert stored.PixelData == datasets[0].PixelData
+
+
+def test_store_sop_class_mismatch_returns_a900(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The request (taken from the file meta) says CT Image Storage, the dataset Secondary Capture.
+    dataset = make_ct_datasets(uid_seed="mismatch")[0]
+    dataset.SOPClassUID = SECONDARY_CAPTURE
+    body = BytesIO()
+    dataset.save_as(body, implicit_vr=False, little_endian=True)
+    path = _raw_file(tmp_path / "mismatch.dcm", CT_IMAGE_STORAGE, str(dataset.SOPInstanceUID), body.getvalue())
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert store_all(node.port, [path]) == [0xA900]
+
+
+def test_store_truncated_dataset_returns_c210(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (0008,0016) UI declaring 32767 bytes with only 3 present.
+    path = _raw_file(tmp_path / "truncated.dcm", CT_IMAGE_STORAGE, "1.2.3.4", b"\x08\x00\x16\x00UI\xff\x7f1.2")
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert store_all(node.port, [path]) == [0xC210]
+
+
+def test_store_garbage_bytes_returns_c210(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _raw_file(tmp_path / "garbage.dcm", CT_IMAGE_STORAGE, "1.2.3.5", b"not a dataset at all, just text")
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert store_all(node.port, [path]) == [0xC210]
+
+
+def test_store_below_free_space_returns_a700(tmp_path: Path) -> None:
+    # 2**40 MiB (one exbibyte) of required free space cannot be met.
+    server = NodeServer(make_settings(tmp_path / "storage", min_free_space_mb=2**40), pipeline=FakePipeline())
+    server.start()
+    try:
+        statuses = store_all(server.port, make_ct_datasets(uid_seed="full")[:2])
+        assert server.jobs is not None
+        assert server.jobs.pending_series_count() == 0
+    finally:
+        server.stop()
+    assert statuses == [0xA700, 0xA700]
+    assert list((tmp_path / "storage" / "incoming").iterdir()) == []
+
+
+def test_store_identical_resend_ignored(node: NodeServer) -> None:
+    datasets = make_ct_datasets(uid_seed="resend")
+
+    first = store_all(node.port, datasets)
+    second = store_all(node.port, datasets)
+
+    assert first == [0x0000] * 5
+    assert second == [0x0000] * 5
+    assert node.jobs is not None
+    assert len(node.jobs.series_instances(str(datasets[0].SeriesInstanceUID))) == 5
+    assert node.jobs.series_conflict(str(datasets[0].SeriesInstanceUID)) == ""
+    assert list((node.store.conflicts).iterdir()) == []
+
+
+def test_store_changed_resend_marks_conflict(node: NodeServer) -> None:
+    datasets = make_ct_datasets(uid_seed="conflict")
+    changed = make_ct_datasets(uid_seed="conflict")
+    changed[2].WindowCenter = 400
+
+    assert store_all(node.port, datasets) == [0x0000] * 5
+    assert store_all(node.port, changed[2:3]) == [0x0000]
+
+    assert node.wait_idle(20)
+    assert node.jobs is not None
+    series_uid = str(datasets[0].SeriesInstanceUID)
+    jobs = node.jobs.jobs_of_series(series_uid)
+    assert [job.state for job in jobs] == [REFUSED]
+    assert "conflicting instances: 1 SOP instance(s)" in jobs[0].reason
+    assert str(datasets[2].SOPInstanceUID) in jobs[0].reason
+    assert "cacs-node retry JOB --keep-stored" in jobs[0].reason
+    assert len(node.jobs.conflicts_of_series(series_uid)) == 1
+    # The fake pipeline was never asked to score the conflicting series.
+    assert node.pipeline.scored == []  # type: ignore[attr-defined]
+
+
+def test_store_series_completes_after_quiet_period(node: NodeServer) -> None:
+    datasets = make_ct_datasets(uid_seed="quiet")
+    store_all(node.port, datasets)
+
+    assert node.jobs is not None
+    wait_for(lambda: node.jobs.pending_series_count() == 0, 10, "series not completed after the quiet period")
+    assert len(node.jobs.jobs_of_series(str(datasets[0].SeriesInstanceUID))) == 1

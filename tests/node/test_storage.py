@@ -1,0 +1,75 @@
+"""Tests of node.storage: UID path cleaning, root confinement, atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.storage import TEMPORARY_PREFIX, InstanceStore, StorageError, clean_path_part, is_valid_uid
+
+
+def test_clean_path_part_separators_replaced() -> None:
+    assert clean_path_part("1.2/../3") == "1.2_.._3"
+    assert clean_path_part("1.2.840.10008") == "1.2.840.10008"
+
+
+@pytest.mark.parametrize("value", ["", "..", ".", "  "])
+def test_clean_path_part_dot_names_rejected(value: str) -> None:
+    with pytest.raises(StorageError, match="cannot be used as a file or folder name"):
+        clean_path_part(value)
+
+
+def test_is_valid_uid_examples() -> None:
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert not is_valid_uid("1.2..3")
+    assert not is_valid_uid("1.2.3a")
+    # 65 characters: one more than PS3.5 allows.
+    assert not is_valid_uid("1." + "2" * 63)
+
+
+def test_instance_path_stays_under_root(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "root", 0)
+    store.create_layout()
+
+    path = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+
+    assert path == (tmp_path / "root" / "incoming" / "1.2" / "1.2.3" / "1.2.3.4.dcm").resolve()
+    with pytest.raises(StorageError, match="outside the storage root"):
+        store.checked(tmp_path / "root" / ".." / "elsewhere.dcm")
+
+
+def test_instance_path_symlink_out_of_root_rejected(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "root", 0)
+    store.create_layout()
+    (store.incoming / "1.2").symlink_to(tmp_path)
+
+    with pytest.raises(StorageError, match="outside the storage root"):
+        store.instance_path("1.2", "1.2.3", "1.2.3.4")
+
+
+def test_write_atomically_leaves_only_final_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, 0)
+    store.create_layout()
+    target = store.incoming / "a" / "b.dcm"
+
+    store.write_atomically(target, b"x" * 1000)
+
+    assert target.read_bytes() == b"x" * 1000
+    assert [path.name for path in target.parent.iterdir()] == ["b.dcm"]
+
+
+def test_remove_stale_temporaries_counts_deleted(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, 0)
+    store.create_layout()
+    (store.incoming / f"{TEMPORARY_PREFIX}abc.tmp").write_bytes(b"partial")
+    (store.incoming / "kept.dcm").write_bytes(b"complete")
+
+    assert store.remove_stale_temporaries() == 1
+    assert [path.name for path in store.incoming.iterdir()] == ["kept.dcm"]
+
+
+def test_has_free_space_huge_minimum_false(tmp_path: Path) -> None:
+    # 2**40 MiB is one exbibyte, more than any test machine has free.
+    assert not InstanceStore(tmp_path, 2**40).has_free_space()
+    assert InstanceStore(tmp_path, 0).has_free_space()
