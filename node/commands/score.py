@@ -1,0 +1,203 @@
+"""`cacs-node score DICOM_DIR`: score one CT series from a label map or with the model, print the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = (
+    "score a calcium-scoring CT series: Agatston, volume and mass per artery, risk "
+    "category and CAC-DRS, from a label map or the segmentation model"
+)
+
+#: Exit status for an input that cannot be scored: the series, the label map or node.toml.
+EXIT_INPUT_ERROR = 2
+
+#: Exit status when the segmentation model cannot be loaded or run.
+EXIT_MODEL_ERROR = 3
+
+#: UID root of written objects without --uid-root or --config: pydicom's root,
+#: the same default as node.toml's uid_root.
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+logger = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dicom_dir", metavar="DICOM_DIR", help="folder with the CT series, searched recursively")
+    parser.add_argument(
+        "--labels",
+        metavar="LABELS",
+        default=None,
+        help=(
+            "CAC label map to score instead of running the model: an NRRD or NIfTI file in the "
+            "series geometry (0 background, 1 LAD, 2 LCX, 3 RCA, 4 non-coronary calcium) or a "
+            "DICOM SEG that references the series"
+        ),
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    parser.add_argument(
+        "--out",
+        metavar="OUT_DIR",
+        default=None,
+        help="also write the DICOM SEG, TID 1500 SR and summary image into this folder",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device for the model: auto, cpu, cuda or cuda:N (default: from --config, else auto)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="model checkpoint (default: from --config, else the model shipped in scoring/models/)",
+    )
+    parser.add_argument(
+        "--uid-root",
+        metavar="ROOT",
+        default=None,
+        help=f"UID root of the written objects (default: from --config, else {DEFAULT_UID_ROOT})",
+    )
+    parser.add_argument(
+        "--series-uid",
+        metavar="UID",
+        default=None,
+        help="SeriesInstanceUID to score when DICOM_DIR contains several CT series",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="NODE_TOML",
+        default=None,
+        help="node.toml whose [scoring] protocol policies, mass calibration factor, model and device to use",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, load_settings
+    from scoring.agatston import score_volume
+    from scoring.config import ProtocolPolicy, ScoringParameters
+    from scoring.errors import LabelError, SeriesError
+    from scoring.labels import read_label_map
+    from scoring.series import load_series
+
+    policy, parameters = ProtocolPolicy(), ScoringParameters()
+    model_path, device, uid_root = args.model, args.device or "auto", args.uid_root or DEFAULT_UID_ROOT
+    if args.config:
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as error:
+            print(f"cacs-node score: {error}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        policy = settings.scoring.protocol_policy()
+        parameters = settings.scoring.scoring_parameters()
+        model_path = args.model or settings.scoring.model_path
+        device = args.device or settings.scoring.device
+        uid_root = args.uid_root or settings.node.uid_root
+
+    dicom_dir = Path(args.dicom_dir)
+    if not dicom_dir.is_dir():
+        print(f"cacs-node score: {dicom_dir} is not a folder. Give the folder of the CT series.", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+    regions = None
+    try:
+        volume = load_series(dicom_dir, policy, series_instance_uid=args.series_uid)
+        if args.labels:
+            labels = read_label_map(args.labels, volume)
+            model_version = "none (external label map)"
+        else:
+            labels, regions, model_version = _segment(volume, model_path, device)
+        result = score_volume(volume, labels, parameters)
+    except (SeriesError, LabelError) as error:
+        print(f"cacs-node score: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except _ModelFailure as error:
+        print(f"cacs-node score: {error}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+
+    document = result.to_json()
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_table(document, volume.shape))
+
+    if args.out:
+        from sr_writer import AlgorithmIdentification, write_outputs
+
+        import scoring
+
+        algorithm = AlgorithmIdentification(
+            name="cacs-node", version=scoring.__version__, model_version=model_version
+        )
+        try:
+            derived = write_outputs(
+                volume, labels, result, args.out, algorithm=algorithm, uid_root=uid_root, regions=regions
+            )
+        except (LabelError, ValueError, OSError) as error:
+            print(f"cacs-node score: writing the DICOM outputs to {args.out} failed: {error}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        # With --json, standard output carries the JSON object only.
+        stream = sys.stderr if args.json else sys.stdout
+        for path in derived.paths:
+            print(f"wrote {path}", file=stream)
+    return 0
+
+
+class _ModelFailure(RuntimeError):
+    """The model could not be loaded or run.
+
+    It wraps scoring.inference.ModelError, so `run` can catch it without
+    importing torch when --labels is given.
+    """
+
+
+def _segment(volume: Any, model_path: str | None, device: str) -> tuple[Any, Any, str]:
+    """Run the segmentation model and return CAC labels, CAR regions and the model version."""
+    from scoring.inference import ModelError, load_model, segment_volume
+
+    try:
+        model = load_model(model_path, device)
+        segmentation = segment_volume(volume, model=model)
+    except ModelError as error:
+        raise _ModelFailure(f"the segmentation model failed: {error}") from error
+    return segmentation.labels, segmentation.regions, str(segmentation.model_version)
+
+
+def format_table(document: dict[str, Any], shape: tuple[int, int, int]) -> str:
+    """Format a `ScoringResult.to_json()` object as a plain-text table per artery."""
+    lesion_counts = {artery: 0 for artery in ("LAD", "LCX", "RCA")}
+    for lesion in document["lesions"]:
+        lesion_counts[lesion["artery"]] += 1
+    lesion_counts["total"] = len(document["lesions"])
+
+    lines = [
+        f"Series {document['series_instance_uid']} ({shape[0]} slices of {shape[1]} x {shape[2]})",
+        "",
+        f"{'Artery':<7}{'Agatston':>10}{'Volume mm3':>12}{'Mass mg':>10}{'Lesions':>9}",
+    ]
+    for key in ("LAD", "LCX", "RCA", "total"):
+        name = "Total" if key == "total" else key
+        lines.append(
+            f"{name:<7}{document['agatston'][key]:>10.1f}{document['volume_mm3'][key]:>12.1f}"
+            f"{document['mass_mg'][key]:>10.2f}{lesion_counts[key]:>9d}"
+        )
+    calibration = "series" if document["mass_calibrated"] else "default, uncalibrated"
+    lines += [
+        "",
+        f"Risk category:        {document['risk_category']}",
+        f"CAC-DRS:              {document['cac_drs']}",
+        f"Normalisation factor: {document['normalization_factor']:.4f} (slice increment / 3 mm)",
+        f"Threshold:            {document['threshold_hu']:g} HU",
+        f"Mass factor:          {document['mass_calibration_factor']:g} mg HA/cm3 per HU ({calibration})",
+    ]
+    if document["flags"]:
+        lines.append("Flags:")
+        lines += [f"  {flag['code']}: {flag['message']}" for flag in document["flags"]]
+    else:
+        lines.append("Flags:                none")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Tests of `cacs-node score` on small CT series written to disk with a label map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.cli import main
+from scoring.labels import write_label_map
+from scoring.result import LAD, RCA
+from scoring.series import load_series
+from tests.factories import blank_hu, make_series_dir
+
+PUBLIC_KEYS = (
+    "series_instance_uid",
+    "normalization_factor",
+    "flags",
+    "agatston",
+    "volume_mm3",
+    "mass_mg",
+    "risk_category",
+    "cac_drs",
+    "lesions",
+)
+
+
+@pytest.fixture
+def scored_case(tmp_path: Path) -> tuple[Path, Path, str]:
+    """Write a 3-slice series (0.5 mm pixels, 3 mm apart) and its label map; return both paths and the UID.
+
+    LAD: slice 0 has 4 × 4 pixels at 180 HU, slice 1 has 4 × 5 pixels at 450 HU.
+    RCA: slice 2 has 2 × 2 pixels at 250 HU.
+    """
+    hu = blank_hu(3, 32, 32)
+    hu[0, 4:8, 4:8] = 180.0
+    hu[1, 4:8, 4:9] = 450.0
+    hu[2, 10:12, 20:22] = 250.0
+    datasets = make_series_dir(tmp_path / "dicom", hu, pixel_spacing=(0.5, 0.5))
+    volume = load_series(tmp_path / "dicom")
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[:2][volume.hu[:2] >= 130] = LAD
+    labels[2][volume.hu[2] >= 130] = RCA
+    write_label_map(tmp_path / "labels.nrrd", labels, volume)
+    return tmp_path / "dicom", tmp_path / "labels.nrrd", datasets[0].SeriesInstanceUID
+
+
+def test_score_json_prints_public_keys_and_scores(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, series_uid = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path), "--json"])
+
+    document = json.loads(capsys.readouterr().out)
+    assert status == 0
+    for key in PUBLIC_KEYS:
+        assert key in document
+    assert document["series_instance_uid"] == series_uid
+    # LAD: 16 px × 0.25 mm² = 4 mm² × 1 (180 HU) + 20 px × 0.25 = 5 mm² × 4 (450 HU) = 24.
+    # RCA: 4 px × 0.25 = 1 mm² × 2 (250 HU) = 2. Factor 3 / 3 = 1.
+    assert document["agatston"] == {"LAD": 24.0, "LCX": 0.0, "RCA": 2.0, "total": 26.0}
+    # Volume: LAD 36 voxels × 0.25 mm² × 3 mm = 27 mm³, RCA 4 × 0.75 = 3 mm³.
+    assert document["volume_mm3"] == {"LAD": 27.0, "LCX": 0.0, "RCA": 3.0, "total": 30.0}
+    # Mass LAD: (16 × 180 + 20 × 450) HU × 0.75 mm³ / 1000 × 0.743 = 11880 × 0.00075 × 0.743.
+    assert document["mass_mg"]["LAD"] == pytest.approx(11880 * 0.00075 * 0.743, rel=1e-12)
+    assert document["normalization_factor"] == 1.0
+    assert document["risk_category"] == "II"
+    assert document["cac_drs"] == "A1/N2"
+    assert [lesion["artery"] for lesion in document["lesions"]] == ["LAD", "RCA"]
+    assert [flag["code"] for flag in document["flags"]] == ["MASS_UNCALIBRATED"]
+
+
+def test_score_table_lists_arteries_and_risk(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, _ = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path)])
+
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert "LAD          24.0        27.0      6.62        1" in lines
+    assert "RCA           2.0         3.0      0.56        1" in lines
+    assert "Total        26.0        30.0      7.18        2" in lines
+    assert "Risk category:        II" in lines
+    assert "CAC-DRS:              A1/N2" in lines
+
+
+def test_score_out_writes_seg_that_scores_the_same(
+    scored_case: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, _ = scored_case
+    out_dir = tmp_path / "out"
+
+    status = main(
+        ["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path), "--json", "--out", str(out_dir)]
+    )
+
+    captured = capsys.readouterr()
+    written = [Path(line.removeprefix("wrote ")) for line in captured.err.splitlines() if line.startswith("wrote ")]
+    assert status == 0
+    # SEG, SR and summary image; the JSON object stays alone on standard output.
+    assert len(written) == 3
+    assert sorted(path.name for path in out_dir.iterdir()) == sorted(path.name for path in written)
+    assert json.loads(captured.out)["agatston"]["total"] == 26.0
+
+    # The first written object is the calcium SEG; scoring from it gives the same numbers.
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(written[0]), "--json"])
+    assert status == 0
+    assert json.loads(capsys.readouterr().out)["agatston"] == {"LAD": 24.0, "LCX": 0.0, "RCA": 2.0, "total": 26.0}
+
+
+def test_score_missing_labels_exits_two(
+    scored_case: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, _, _ = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(tmp_path / "none.nrrd")])
+
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.out == ""
+    assert "none.nrrd not found" in captured.err
+
+
+def test_score_labels_of_other_shape_exits_two(
+    scored_case: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, _, _ = scored_case
+    other_dir = tmp_path / "other"
+    make_series_dir(other_dir, blank_hu(3, 16, 16), pixel_spacing=(0.5, 0.5))
+    other_volume = load_series(other_dir)
+    write_label_map(tmp_path / "small.nrrd", np.zeros(other_volume.shape, dtype=np.uint8), other_volume)
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(tmp_path / "small.nrrd")])
+
+    assert status == 2
+    assert "has (3, 16, 16) (slices, rows, columns) voxels" in capsys.readouterr().err
+
+
+def test_score_folder_without_series_exits_two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not DICOM")
+
+    status = main(["--log-level", "WARNING", "score", str(tmp_path / "empty"), "--labels", "x.nrrd"])
+
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err.startswith("cacs-node score: ")
+    assert captured.out == ""
+
+
+def test_score_missing_folder_exits_two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--log-level", "WARNING", "score", str(tmp_path / "absent")])
+
+    assert status == 2
+    assert "absent is not a folder" in capsys.readouterr().err
+
+
+def test_score_missing_model_exits_three(
+    scored_case: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, _, _ = scored_case
+
+    status = main(
+        ["--log-level", "WARNING", "score", str(dicom_dir), "--model", str(tmp_path / "absent.pt"), "--device", "cpu"]
+    )
+
+    captured = capsys.readouterr()
+    assert status == 3
+    assert "the segmentation model failed" in captured.err
+    assert "absent.pt" in captured.err
