@@ -1,0 +1,287 @@
+"""Calcified plaques of the digital phantom: placement, partial-volume rendering and true labels.
+
+A plaque is a capsule: a sphere of `radius` mm swept along a short axis that
+follows the vessel centerline, shifted off the centerline towards the wall.
+Each voxel receives the calcium fraction of its footprint, estimated from
+the distance to the capsule with a one-pixel linear edge in-plane and by
+averaging five sub-planes across the slice thickness. The voxel HU is then
+background × (1 − fraction) + peak HU × fraction, which is how a thick slice
+mixes a small dense object with the tissue around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from scoring.config import CALCIUM_THRESHOLD_HU
+from scoring.phantom_anatomy import ARTERY_OF_SEGMENT, Anatomy, Centerline, Grid, blend
+from scoring.result import OTHER_CALCIUM
+
+#: Sub-planes per slice used to average the calcium fraction across the slice thickness.
+SLAB_SAMPLES = 5
+
+@dataclass(frozen=True)
+class BurdenClass:
+    """How much coronary calcium a case gets.
+
+    probability: chance of the class per case. count: inclusive range of plaques.
+    radius, length: ranges of the capsule radius and axis length in mm.
+    peak_hu: range of the HU of pure calcium.
+    """
+
+    probability: float
+    count: tuple[int, int]
+    radius: tuple[float, float]
+    length: tuple[float, float]
+    peak_hu: tuple[float, float]
+
+
+#: Burden classes, chosen so that every Agatston risk category occurs across seeds.
+BURDEN_CLASSES: dict[str, BurdenClass] = {
+    "zero": BurdenClass(0.18, (0, 0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
+    "minimal": BurdenClass(0.17, (1, 3), (0.3, 1.2), (0.0, 3.0), (150.0, 450.0)),
+    "mild": BurdenClass(0.2, (2, 6), (0.5, 1.6), (0.0, 6.0), (160.0, 700.0)),
+    "moderate": BurdenClass(0.2, (4, 10), (0.7, 2.0), (1.0, 10.0), (200.0, 900.0)),
+    "severe": BurdenClass(0.25, (8, 20), (1.0, 2.6), (2.0, 16.0), (250.0, 1300.0)),
+}
+
+#: Relative frequency of plaques per coronary segment.
+SEGMENT_WEIGHTS: dict[str, float] = {"LM": 0.07, "LAD": 0.4, "LCX": 0.2, "RCA": 0.33}
+
+
+@dataclass(frozen=True)
+class Plaque:
+    """One calcified object.
+
+    label: CAC label value (1 LAD incl. LM, 2 LCX, 3 RCA, 4 non-coronary calcium).
+    site: segment or structure ("LM", "LAD", "aortic_wall", "aortic_valve", "mitral_annulus", ...).
+    axis: (K, 3) points of the capsule axis in mm; radius: capsule radius in mm.
+    peak_hu: HU of pure calcium in this plaque.
+    """
+
+    label: int
+    site: str
+    axis: np.ndarray
+    radius: float
+    peak_hu: float
+
+    @property
+    def centre(self) -> np.ndarray:
+        return self.axis.mean(axis=0)
+
+    @property
+    def bounding_radius(self) -> float:
+        return float(np.linalg.norm(self.axis - self.centre, axis=1).max() + self.radius)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "label": self.label,
+            "site": self.site,
+            "centre_mm": [round(float(v), 3) for v in self.centre],
+            "radius_mm": round(self.radius, 3),
+            "axis_length_mm": round(float(np.linalg.norm(self.axis[-1] - self.axis[0])), 3),
+            "peak_hu": round(self.peak_hu, 1),
+        }
+
+
+@dataclass
+class PlaqueFootprint:
+    """Where one plaque was drawn: per slice a box and the pixels that may be labelled.
+
+    boxes: slice index → (rows, columns). support: slice index → bool mask of the
+    box, the pixels within one pixel of the plaque. core: slice index → bool mask
+    of the pixels holding at least half of the plaque's largest fraction.
+    """
+
+    plaque: Plaque
+    boxes: dict[int, tuple[slice, slice]]
+    support: dict[int, np.ndarray]
+    core: dict[int, np.ndarray]
+
+
+def choose_burden(rng: np.random.Generator) -> str:
+    """Draw a coronary calcium burden class with the probabilities of BURDEN_CLASSES."""
+    names = list(BURDEN_CLASSES)
+    weights = np.array([BURDEN_CLASSES[name].probability for name in names])
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+def _capsule_axis(line: Centerline, centre_distance: float, length: float, offset: np.ndarray) -> np.ndarray:
+    distances = np.arange(centre_distance - length / 2, centre_distance + length / 2 + 0.25, 0.25)
+    distances = np.clip(distances, 0.0, line.length)
+    return np.array([line.point_at(d) for d in distances]) + offset
+
+
+def _perpendicular(tangent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    vector = rng.normal(size=3)
+    vector -= np.dot(vector, tangent) * tangent
+    return vector / max(np.linalg.norm(vector), 1e-9)
+
+
+def _fits(candidate: Plaque, placed: list[Plaque], clearance: float) -> bool:
+    for other in placed:
+        gap = np.linalg.norm(candidate.centre - other.centre) - candidate.bounding_radius - other.bounding_radius
+        if gap < clearance:
+            return False
+    return True
+
+
+def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
+                            placed: list[Plaque]) -> list[Plaque]:
+    """Place the coronary plaques of one burden class along the centerlines."""
+    spec = BURDEN_CLASSES[burden]
+    count = int(rng.integers(spec.count[0], spec.count[1] + 1))
+    segments = list(SEGMENT_WEIGHTS)
+    weights = np.array([SEGMENT_WEIGHTS[name] for name in segments])
+    plaques: list[Plaque] = []
+    for _ in range(count):
+        for _attempt in range(25):
+            segment = segments[int(rng.choice(len(segments), p=weights / weights.sum()))]
+            line = anatomy.centerlines[segment]
+            # Plaques cluster in the proximal segments.
+            centre_distance = line.length * rng.uniform(0.0, 1.0) ** 1.6
+            index = int(np.searchsorted(line.arc_length, centre_distance).clip(0, len(line.radii) - 1))
+            vessel_radius = float(line.radii[index])
+            tiny = rng.uniform() < 0.15
+            radius = rng.uniform(0.2, 0.5) if tiny else rng.uniform(*spec.radius)
+            length = 0.0 if tiny else rng.uniform(*spec.length)
+            offset = _perpendicular(line.tangent_at(centre_distance), rng) * rng.uniform(0.2, 0.8) * vessel_radius
+            candidate = Plaque(ARTERY_OF_SEGMENT[segment], segment,
+                               _capsule_axis(line, centre_distance, length, offset),
+                               float(radius), float(rng.uniform(*spec.peak_hu)))
+            if _fits(candidate, placed + plaques, clearance=2.0):
+                plaques.append(candidate)
+                break
+    return plaques
+
+
+def sample_extra_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
+                                  z_range: tuple[float, float]) -> list[Plaque]:
+    """Place non-coronary calcium (label 4): aortic wall, aortic valve and mitral annulus."""
+    severity = list(BURDEN_CLASSES).index(burden) / (len(BURDEN_CLASSES) - 1)
+    plaques: list[Plaque] = []
+
+    # Aortic wall plaques in the descending aorta and above the root of the ascending aorta.
+    for _ in range(int(rng.poisson(0.6 + 3.0 * severity))):
+        theta = rng.uniform(0, 2 * np.pi)
+        length = rng.uniform(1.0, 12.0)
+        radius = rng.uniform(0.8, 2.5)
+        if rng.uniform() < 0.5:
+            ax, ay, ar = anatomy.descending_aorta
+            z = rng.uniform(*z_range)
+            wall = np.array([ax + (ar - 0.5) * np.cos(theta), ay + (ar - 0.5) * np.sin(theta), z])
+            axis = wall + np.outer(np.linspace(-length / 2, length / 2, max(int(length / 0.25), 1) + 1), [0, 0, 1])
+        else:
+            line = anatomy.great_vessels["ascending_aorta"]
+            distance = rng.uniform(15.0, max(line.length - 5.0, 16.0))
+            tangent = line.tangent_at(distance)
+            outward = _perpendicular(tangent, rng)
+            centre = line.point_at(distance) + outward * (float(line.radii[0]) - 0.5)
+            axis = centre + np.outer(np.linspace(-length / 2, length / 2, max(int(length / 0.25), 1) + 1), tangent)
+        plaques.append(Plaque(OTHER_CALCIUM, "aortic_wall", axis, float(radius), float(rng.uniform(250, 1100))))
+
+    # Aortic valve cusps, inside the root.
+    if rng.uniform() < 0.15 + 0.45 * severity:
+        root = anatomy.great_vessels["ascending_aorta"].points[0]
+        tangent = anatomy.great_vessels["ascending_aorta"].tangent_at(0.0)
+        for _ in range(int(rng.integers(1, 4))):
+            position = root + _perpendicular(tangent, rng) * rng.uniform(3.0, 8.0)
+            plaques.append(Plaque(OTHER_CALCIUM, "aortic_valve", position[None, :], float(rng.uniform(1.0, 3.0)),
+                                  float(rng.uniform(300, 1200))))
+
+    # Mitral annulus calcification: an arc on the posterior mitral ring, inside the heart.
+    if rng.uniform() < 0.1 + 0.35 * severity:
+        heart = anatomy.heart
+        start = rng.uniform(-2.7, -2.0)
+        angles = np.linspace(start, start + rng.uniform(0.2, 0.7), 40)
+        axis = np.array([heart.surface_point(-0.45, a, -12.0) for a in angles])
+        plaques.append(Plaque(OTHER_CALCIUM, "mitral_annulus", axis, float(rng.uniform(1.2, 2.5)),
+                              float(rng.uniform(300, 1100))))
+
+    kept: list[Plaque] = []
+    for plaque in plaques:
+        if _fits(plaque, kept, clearance=2.0):
+            kept.append(plaque)
+    return kept
+
+
+def _slab_fraction(plaque: Plaque, grid: Grid, z: float, rows: slice, columns: slice) -> np.ndarray:
+    """Calcium fraction of each pixel in the box, averaged over SLAB_SAMPLES planes of the slice."""
+    x = grid.x[columns][None, :, None]
+    y = grid.y[rows][:, None, None]
+    axis = plaque.axis
+    fraction = np.zeros((rows.stop - rows.start, columns.stop - columns.start), dtype=np.float64)
+    offsets = (np.arange(SLAB_SAMPLES) + 0.5) / SLAB_SAMPLES - 0.5
+    in_plane = (x - axis[:, 0]) ** 2 + (y - axis[:, 1]) ** 2
+    for offset in offsets:
+        dz2 = (z + offset * grid.slice_thickness - axis[:, 2]) ** 2
+        distance = np.sqrt((in_plane + dz2).min(axis=2))
+        fraction += np.clip(0.5 + (plaque.radius - distance) / grid.spacing, 0.0, 1.0)
+    return fraction / SLAB_SAMPLES
+
+
+def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque) -> PlaqueFootprint:
+    """Mix one plaque into the HU volume in place and return where it went."""
+    reach = plaque.radius + 2 * grid.spacing
+    low = plaque.axis[:, 2].min() - plaque.radius - grid.slice_thickness / 2
+    high = plaque.axis[:, 2].max() + plaque.radius + grid.slice_thickness / 2
+    footprint = PlaqueFootprint(plaque, {}, {}, {})
+    box = grid.pixel_box(plaque.axis[:, 0].min() - reach, plaque.axis[:, 0].max() + reach,
+                         plaque.axis[:, 1].min() - reach, plaque.axis[:, 1].max() + reach)
+    if box is None:
+        return footprint
+    rows, columns = box
+    fractions: dict[int, np.ndarray] = {}
+    for index in np.nonzero((grid.z >= low) & (grid.z <= high))[0]:
+        fraction = _slab_fraction(plaque, grid, float(grid.z[index]), rows, columns)
+        if fraction.max() <= 0.0:
+            continue
+        blend(volume[index, rows, columns], fraction.astype(np.float32), plaque.peak_hu)
+        fractions[int(index)] = fraction
+    if not fractions:
+        return footprint
+    largest = max(float(f.max()) for f in fractions.values())
+    for index, fraction in fractions.items():
+        footprint.boxes[index] = box
+        # One pixel of margin, so noise that extends the plaque's edge stays part of it.
+        footprint.support[index] = ndimage.binary_dilation(fraction > 0.0, np.ones((3, 3), bool))
+        footprint.core[index] = fraction >= 0.5 * largest
+    return footprint
+
+
+def widen_footprint(footprint: PlaqueFootprint, index: int, structure: np.ndarray) -> None:
+    """Dilate the support on one slice, after motion blur smeared the plaque over its box."""
+    if index in footprint.support:
+        footprint.support[index] = ndimage.binary_dilation(footprint.support[index], structure)
+
+
+def label_plaque(labels: np.ndarray, hu: np.ndarray, footprint: PlaqueFootprint) -> int:
+    """Write the plaque's label where its support reaches ≥ 130 HU and connects to its core.
+
+    hu: the final HU after quantisation, noise and artifacts. A component of
+    ≥ 130 HU support voxels (26-connected across slices) is kept only when it
+    contains a core voxel, so noise specks beside a faint plaque are not
+    called calcium. Returns the number of voxels labelled.
+    """
+    if not footprint.boxes:
+        return 0
+    indices = sorted(footprint.boxes)
+    rows, columns = footprint.boxes[indices[0]]
+    first, last = indices[0], indices[-1]
+    shape = (last - first + 1, rows.stop - rows.start, columns.stop - columns.start)
+    candidate = np.zeros(shape, dtype=bool)
+    core = np.zeros(shape, dtype=bool)
+    for index in indices:
+        above = hu[index, rows, columns] >= CALCIUM_THRESHOLD_HU
+        candidate[index - first] = footprint.support[index] & above
+        core[index - first] = footprint.core[index] & above
+    components, _ = ndimage.label(candidate, np.ones((3, 3, 3), bool))
+    keep = np.unique(components[core])
+    keep = keep[keep > 0]
+    selected = np.isin(components, keep)
+    target = labels[first:last + 1, rows, columns]
+    target[selected] = footprint.plaque.label
+    return int(selected.sum())
