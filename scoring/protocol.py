@@ -40,7 +40,9 @@ KVP_TOLERANCE = 0.5
 SLICE_RANGE_MM = (2.5, 3.0)
 SLICE_RANGE_TOLERANCE_MM = 0.01
 
-#: BodyPartExamined values (PS3.16 Annex L defined terms) accepted as cardiac.
+#: BodyPartExamined values accepted as cardiac. CHEST and HEART are PS3.16
+#: Annex L defined terms; CORONARYARTERY and THORAX are accepted as well
+#: because cardiac protocols also write them.
 CARDIAC_BODY_PARTS = frozenset({"CHEST", "HEART", "CORONARYARTERY", "THORAX"})
 
 #: ContrastBolusAgent texts, upper-cased and stripped, that record no agent.

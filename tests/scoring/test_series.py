@@ -404,13 +404,13 @@ def test_load_series_jpeg_lossless_same_hu_as_uncompressed(tmp_path: Path, optio
     assert load_series(tmp_path / "jpeg").hu.tobytes() == reference.hu.tobytes()
 
 
-def test_load_series_lossy_jpeg2000_refused() -> None:
+def test_load_series_lossy_jpeg2000_rejected() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=2), transfer_syntax=JPEG2000, compression_options={"j2k_cr": [20]})
     with pytest.raises(PixelDataError, match="LossyImageCompression 01 .* send the original uncompressed"):
         load_series(datasets)
 
 
-def test_load_series_lossy_syntax_without_flag_refused() -> None:
+def test_load_series_lossy_syntax_without_flag_rejected() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=2), transfer_syntax=JPEGLSNearLossless, compression_options={"jls_error": 2})
     for ds in datasets:
         del ds.LossyImageCompression
@@ -418,7 +418,7 @@ def test_load_series_lossy_syntax_without_flag_refused() -> None:
         load_series(datasets)
 
 
-def test_load_series_jpeg_baseline_refused_before_decoding() -> None:
+def test_load_series_jpeg_baseline_rejected_before_decoding() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=2), transfer_syntax=JPEG2000Lossless)
     for ds in datasets:
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
@@ -443,6 +443,16 @@ def test_load_series_enhanced_ct_shuffled_frames_sorted(tmp_path: Path) -> None:
     assert volume.sop_instance_uids == (enhanced.SOPInstanceUID,) * 5
     assert len(volume.headers) == 1
     assert volume.kvp == 120.0
+
+
+def test_load_series_legacy_converted_enhanced_ct_read() -> None:
+    hu = _tissue_hu(slices=3)
+    legacy = build_enhanced_ct_dataset(hu, frame_order=[2, 1, 0])
+    legacy.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT Image Storage
+    legacy.file_meta.MediaStorageSOPClassUID = legacy.SOPClassUID
+    volume = load_series([legacy])
+    assert np.array_equal(volume.hu, hu.astype(np.float32))
+    assert volume.frame_numbers == (3, 2, 1)
 
 
 def test_load_series_enhanced_ct_missing_rescale_names_frame() -> None:
@@ -478,7 +488,7 @@ def test_load_series_kvp_refuse_policy_raises() -> None:
         load_series(datasets, ProtocolPolicy(kvp="refuse"))
 
 
-def test_load_series_contrast_agent_refused_by_default() -> None:
+def test_load_series_contrast_agent_rejected_by_default() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=3), contrast_bolus_agent="Iomeprol 400")
     with pytest.raises(ProtocolRefusedError, match="contrast agent recorded \\(ContrastBolusAgent 'Iomeprol 400'\\)"):
         load_series(datasets)
@@ -532,9 +542,12 @@ def test_load_series_qrm_scan_padding_masked(qrm_dicom_dir: Path) -> None:
     assert float(volume.hu[~volume.padding_mask].min()) == -1312.0
     assert float(volume.hu.max()) == 1275.0
     assert len(set(volume.sop_instance_uids)) == 47
+    # The lowest ImagePositionPatient z is 534.875 mm (InstanceNumber 47); 46 steps of 3 mm reach 672.875.
+    assert volume.positions[0, 2] == 534.875
+    assert volume.positions[-1, 2] == 672.875
 
 
-def test_load_series_abdomen_decoded_then_refused_for_contrast(abdomen_dicom_dir: Path) -> None:
+def test_load_series_abdomen_decoded_then_rejected_for_contrast(abdomen_dicom_dir: Path) -> None:
     with pytest.raises(ProtocolRefusedError, match="ContrastBolusAgent 'APPLIED'"):
         load_series(abdomen_dicom_dir)
     # With contrast only flagged, the JPEG 2000 slices decode and the missing UIDs stop the load.
