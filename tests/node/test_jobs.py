@@ -1,0 +1,379 @@
+"""Tests of series completion, the job runner, restart and retry, with a fast stand-in pipeline.
+
+The real pipeline (model, writers, SCU) runs in the integration tests; here
+`FakePipeline` scores a series as 10 Agatston per instance and writes two
+small stand-in objects (kinds "seg" and "sr"), so the job machinery runs in
+well under a second per series.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.cli import main
+from node.commands.retry import RetryError, retry_job
+from node.config import Destination, NodeSettings
+from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, JobStore
+from node.scheduler import CompletionScheduler
+from node.server import NodeServer
+from scoring.errors import SliceSpacingError
+from tests.factories import make_ct_datasets
+from tests.node.helpers import FakePipeline, make_settings, store_all, wait_for
+
+PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, outputs=frozenset({"seg", "sr"}))
+ARCHIVE = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=105, outputs=frozenset({"seg", "sr"}))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> NodeSettings:
+    return make_settings(tmp_path / "storage", destinations=(PACS, ARCHIVE))
+
+
+@pytest.fixture
+def pipeline() -> FakePipeline:
+    return FakePipeline()
+
+
+@pytest.fixture
+def node(settings: NodeSettings, pipeline: FakePipeline) -> Iterator[NodeServer]:
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _jobs(server: NodeServer) -> JobStore:
+    if server.jobs is None:
+        raise AssertionError("node not started")
+    return server.jobs
+
+
+# Series completion without sockets: the clock is passed to poll().
+
+
+def _record(store: JobStore, series: str, sop: str, at: float) -> None:
+    record = InstanceRecord(sop, series, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", f"{sop}.dcm", sop, 1, at)
+    store.record_instance(record, "1.2.9")
+
+
+def test_scheduler_quiet_period_spans_pauses(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    submitted: list[int] = []
+    scheduler = CompletionScheduler(store, 3.0, submitted.append, lambda _job_id: False)
+    scheduler.started_at = 1000.0
+    # Three bursts 2 s apart (shorter than the 3 s quiet period), as three associations would send them.
+    for index, at in enumerate((1000.0, 1002.0, 1004.0)):
+        _record(store, "1.2.3", f"1.2.3.{index}", at)
+
+    assert scheduler.poll(now=1006.9) == []
+    assert scheduler.poll(now=1007.1) == [1]
+    assert store.job(1).instance_count == 3
+    assert scheduler.poll(now=1100.0) == [1]  # still received: submitted again since the worker does not hold it
+    store.close()
+
+
+def test_scheduler_restart_counts_quiet_period_from_start(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    _record(store, "1.2.3", "1.2.3.1", 1000.0)
+    scheduler = CompletionScheduler(store, 3.0, lambda _job_id: None, lambda _job_id: True)
+    scheduler.started_at = 2000.0  # the node restarted long after the last instance
+
+    assert store.due_series(3.0, 2002.0, scheduler.started_at) == []
+    assert store.due_series(3.0, 2003.0, scheduler.started_at) == ["1.2.3"]
+    store.close()
+
+
+def test_open_job_for_series_unstarted_job_absorbs_instances(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    _record(store, "1.2.3", "1.2.3.1", 1000.0)
+    first = store.open_job_for_series("1.2.3")
+    _record(store, "1.2.3", "1.2.3.2", 1001.0)
+
+    second = store.open_job_for_series("1.2.3")
+
+    assert first is not None and first.state == RECEIVED
+    assert second is None
+    assert store.pending_series_count() == 0
+    store.close()
+
+
+# The node end to end with the stand-in pipeline.
+
+
+def test_series_split_over_three_associations_scored_once(node: NodeServer, pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="split")
+    for part in (datasets[:2], datasets[2:4], datasets[4:]):
+        assert store_all(node.port, part) == [0x0000] * len(part)
+
+    assert node.wait_idle(20)
+
+    jobs = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 5)]
+    assert len(pipeline.scored) == 1
+    assert len(pipeline.scored[0]) == 5
+    # 10 Agatston per instance in the stand-in pipeline: 5 × 10.
+    assert jobs[0].result is not None and jobs[0].result["agatston"]["total"] == 50.0
+    assert sorted(pipeline.sent) == [("archive", ["seg", "sr"]), ("pacs", ["seg", "sr"])]
+
+
+def test_late_instance_rescore_supersedes_sr(node: NodeServer, pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="late")
+    store_all(node.port, datasets[:4])
+    assert node.wait_idle(20)
+    store_all(node.port, datasets[4:])
+    assert node.wait_idle(20)
+
+    store = _jobs(node)
+    first, second = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    assert (first.state, first.instance_count) == (DONE, 4)
+    assert (second.state, second.instance_count, second.supersedes_job_id) == (DONE, 5, first.id)
+    # The second write got the first job's SR as predecessor.
+    first_sr_uid = store.outputs(first.id)["sr"][1]
+    assert pipeline.predecessors[0] is None
+    assert str(pipeline.predecessors[1].SOPInstanceUID) == first_sr_uid
+
+
+def test_instance_during_scoring_triggers_second_job(settings: NodeSettings) -> None:
+    pipeline = FakePipeline(score_delay_s=1.0)
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="during")
+        store_all(server.port, datasets[:4])
+        wait_for(pipeline.started.is_set, 20, "scoring did not start")
+        store_all(server.port, datasets[4:])
+        assert server.wait_idle(30)
+        jobs = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        server.stop()
+
+    assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 4), (DONE, 5)]
+    assert jobs[1].supersedes_job_id == jobs[0].id
+    assert [len(paths) for paths in pipeline.scored] == [4, 5]
+
+
+def test_restart_mid_series_loses_nothing(settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(uid_seed="restart")
+    first = NodeServer(settings, pipeline=FakePipeline())
+    first.start()
+    assert store_all(first.port, datasets[:3]) == [0x0000] * 3
+    first.stop()
+
+    pipeline = FakePipeline()
+    second = NodeServer(settings, pipeline=pipeline)
+    second.start()
+    try:
+        assert store_all(second.port, datasets[3:]) == [0x0000] * 2
+        assert second.wait_idle(20)
+        jobs = _jobs(second).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        second.stop()
+
+    assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 5)]
+    assert len(pipeline.scored[0]) == 5
+
+
+def test_restart_during_scoring_scores_again(settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(uid_seed="interrupted")
+    slow = FakePipeline(score_delay_s=1.0)
+    first = NodeServer(settings, pipeline=slow)
+    first.start()
+    store_all(first.port, datasets)
+    wait_for(slow.started.is_set, 20, "scoring did not start")
+    first.stop()
+
+    pipeline = FakePipeline()
+    second = NodeServer(settings, pipeline=pipeline)
+    second.start()
+    try:
+        assert second.wait_idle(20)
+        store = _jobs(second)
+        jobs = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))
+        events = [event["message"] for event in store.events(jobs[0].id)]
+    finally:
+        second.stop()
+
+    assert [(job.state, job.attempts) for job in jobs] == [(DONE, 2)]
+    assert "interrupted by a stop of the node; scoring again" in events
+    assert len(pipeline.scored) == 1
+
+
+def test_series_error_refuses_job_with_message(settings: NodeSettings) -> None:
+    message = "series 1.2.3 has slices 4.5 and 9.0 mm apart; expected a uniform 3.0 mm spacing"
+    server = NodeServer(settings, pipeline=FakePipeline(refuse_with=SliceSpacingError(message)))
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="refused")
+        store_all(server.port, datasets)
+        assert server.wait_idle(20)
+        job = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+    finally:
+        server.stop()
+
+    assert (job.state, job.reason) == (REFUSED, message)
+
+
+def test_destination_refusing_seg_fails_job_other_sends_continue(settings: NodeSettings) -> None:
+    pipeline = FakePipeline(refused_kinds={"pacs": {"seg"}})
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="refuse-seg")
+        store_all(server.port, datasets)
+        assert server.wait_idle(20)
+        store = _jobs(server)
+        job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+        sends = {(row["destination"], row["kind"]): (row["sent"], row["status"]) for row in store.sends(job.id)}
+
+        assert job.state == FAILED
+        assert "destination 'pacs' refused" in job.reason
+        assert "status 0xA900 seg not accepted" in job.reason
+        assert f"cacs-node retry {job.id}" in job.reason
+        assert sends == {
+            ("archive", "seg"): (1, 0x0000),
+            ("archive", "sr"): (1, 0x0000),
+            ("pacs", "seg"): (0, 0xA900),
+            ("pacs", "sr"): (1, 0x0000),
+        }
+
+        # The operator fixes the PACS and retries: only the refused SEG is sent again.
+        pipeline.refused_kinds.clear()
+        pipeline.sent.clear()
+        assert "sends the outputs not yet stored" in retry_job(settings, job.id)
+        wait_for(lambda: store.job(job.id).state == DONE, 20, "retried job did not finish")
+    finally:
+        server.stop()
+
+    assert pipeline.sent == [("pacs", ["seg"])]
+    assert len(pipeline.scored) == 1
+
+
+def test_retry_done_job_needs_force_then_rescores(node: NodeServer, settings: NodeSettings, pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="force")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    job = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+
+    with pytest.raises(RetryError, match=f"job {job.id} is done; add --force"):
+        retry_job(settings, job.id)
+    retry_job(settings, job.id, force=True)
+    wait_for(lambda: _jobs(node).job(job.id).state == DONE and len(pipeline.scored) == 2, 20, "forced job not rescored")
+
+
+def test_same_instances_same_model_not_scored_twice(node: NodeServer, pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="once")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    store = _jobs(node)
+    first = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+
+    # A second job over the same instances, as a copy of the series arriving under a new job would make.
+    with store._transaction() as cursor:  # noqa: SLF001 - test reaches into the store to build the case
+        cursor.execute(
+            "INSERT INTO jobs (series_instance_uid, study_instance_uid, state, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (first.series_instance_uid, first.study_instance_uid, RECEIVED, time.time(), time.time()),
+        )
+    wait_for(lambda: store.active_job_count() == 0, 20, "second job did not finish")
+
+    second = store.jobs_of_series(first.series_instance_uid)[1]
+    assert second.state == DONE
+    assert second.reason.startswith(f"not scored again: job {first.id} already scored these 5 instance(s)")
+    assert len(pipeline.scored) == 1
+
+
+def test_retry_conflict_needs_choice_then_keep_stored_scores(node: NodeServer, settings: NodeSettings,
+                                                             pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="resolve")
+    changed = make_ct_datasets(uid_seed="resolve")
+    changed[0].WindowWidth = 1500
+    store_all(node.port, datasets)
+    store_all(node.port, changed[:1])
+    assert node.wait_idle(20)
+    store = _jobs(node)
+    job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[-1]
+    assert job.state == REFUSED
+
+    with pytest.raises(RetryError, match="Add --keep-stored or --take-new"):
+        retry_job(settings, job.id)
+    message = retry_job(settings, job.id, keep_stored=True)
+    wait_for(lambda: store.job(job.id).state == DONE, 20, "job not scored after the conflict was resolved")
+
+    assert "kept the stored copies and deleted 1 re-sent copy(ies)" in message
+    assert store.series_conflict(job.series_instance_uid) == ""
+    assert list(node.store.conflicts.rglob("*.dcm")) == []
+    assert len(pipeline.scored) == 1
+
+
+def test_retry_conflict_take_new_replaces_instance(node: NodeServer, settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(uid_seed="take-new")
+    changed = make_ct_datasets(uid_seed="take-new")
+    changed[1].WindowWidth = 1500
+    store_all(node.port, datasets)
+    store_all(node.port, changed[1:2])
+    assert node.wait_idle(20)
+    store = _jobs(node)
+    job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[-1]
+
+    retry_job(settings, job.id, take_new=True)
+    wait_for(lambda: store.job(job.id).state == DONE, 20, "job not scored after taking the new copy")
+
+    record = store.find_instance(str(changed[1].SOPInstanceUID))
+    assert record is not None
+    assert pydicom.dcmread(node.store.absolute(record.path)).WindowWidth == 1500
+
+
+# Command line.
+
+
+def test_check_config_bad_file_lists_problems_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nport = 0\nae_title = ""\n[scoring]\ndevice = "tpu"\n', encoding="utf-8")
+
+    status = main(["check-config", "--config", str(path)])
+
+    error = capsys.readouterr().err
+    assert status == 1
+    assert "3 problem(s)" in error
+    assert "[node] port = 0" in error
+    assert "[node] ae_title = ''" in error
+    assert "[scoring] device = 'tpu'" in error
+
+
+def test_check_config_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\nroot = "data"\n', encoding="utf-8")
+
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert f"storage root {tmp_path / 'data'}" in capsys.readouterr().out
+
+
+def test_serve_bad_config_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nmax_associations = 0\n', encoding="utf-8")
+
+    status = main(["serve", "--config", str(path)])
+
+    assert status == 2
+    assert "not starting" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_status_json_lists_jobs(node: NodeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    datasets = make_ct_datasets(uid_seed="status")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nroot = "{node.store.root}"\n', encoding="utf-8")
+
+    assert main(["status", "--config", str(path), "--json"]) == 0
+
+    listed = json.loads(capsys.readouterr().out)["jobs"]
+    assert [(job["state"], job["instance_count"], job["agatston_total"]) for job in listed] == [(DONE, 5, 50.0)]
+    assert listed[0]["series_instance_uid"] == str(datasets[0].SeriesInstanceUID)
