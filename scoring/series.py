@@ -349,12 +349,24 @@ def _slice_records(instances: Sequence[_Instance]) -> list[SliceRecord]:
     return records
 
 
+def _functional_group_value(header: Dataset, keyword: str) -> object:
+    # Search the items of every shared functional group, then those of frame 1,
+    # so the value is found whichever functional group macro carries it.
+    for container_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        container = header.get(container_keyword)
+        if not container:
+            continue
+        for element in container[0]:
+            if element.VR == "SQ" and element.value and keyword in element.value[0]:
+                return element.value[0].get(keyword)
+    return None
+
+
 def _mass_calibration_factor(header: Dataset) -> float | None:
     element = header.get("CalciumScoringMassFactorDevice")
     if element is None:
-        item = functional_group_item(header, 0, "CTAdditionalXRaySourceSequence")
-        element = None if item is None else item.get("CalciumScoringMassFactorDevice")
-    values = [element] if isinstance(element, (int, float)) else list(element or [])
+        element = _functional_group_value(header, "CalciumScoringMassFactorDevice")
+    values = [element] if isinstance(element, (int, float)) else list(element or [])  # type: ignore[call-overload]
     if not values:
         return None
     factor = float(values[0])

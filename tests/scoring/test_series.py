@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -453,6 +455,14 @@ def test_load_series_legacy_converted_enhanced_ct_read() -> None:
     volume = load_series([legacy])
     assert np.array_equal(volume.hu, hu.astype(np.float32))
     assert volume.frame_numbers == (3, 2, 1)
+
+
+def test_load_series_enhanced_ct_mass_factor_in_functional_group() -> None:
+    enhanced = build_enhanced_ct_dataset(_tissue_hu(slices=3))
+    exposure = Dataset()
+    exposure.CalciumScoringMassFactorDevice = [0.75, 0.75, 0.75]  # 0.75 is exact in float32
+    enhanced.SharedFunctionalGroupsSequence[0].CTExposureSequence = DicomSequence([exposure])
+    assert load_series([enhanced]).mass_calibration_factor == 0.75
 
 
 def test_load_series_enhanced_ct_missing_rescale_names_frame() -> None:
