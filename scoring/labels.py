@@ -7,8 +7,10 @@ in another order or direction (for example slices in decreasing z), and the
 array is reoriented into volume order: increasing position along the slice
 normal, then rows, then columns. A DICOM SEG (PS3.3 A.51) is read with
 highdicom. Its segments map to arteries by anatomic region code, segmented
-property type code or segment label, and its frames map to slices by
-referenced SOP instance or, failing that, by plane position.
+property type code or segment label. A segment of the aorta, the aortic or
+mitral valve, or one labelled "other" or "non-coronary", becomes label 4.
+Its frames map to slices by referenced SOP instance or, failing that, by
+plane position.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import SimpleITK as sitk
 from pydicom.uid import UID
 
 from scoring.errors import LabelError
-from scoring.result import LAD, LCX, RCA
+from scoring.result import LAD, LCX, OTHER_CALCIUM, RCA
 from scoring.volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -48,20 +50,26 @@ POSITION_TOLERANCE_VOXELS = 0.1
 #: maps to, about 0.08° of rotation.
 DIRECTION_TOLERANCE = 1e-6
 
-#: SNOMED CT codes of coronary arteries (as in pydicom's code dictionary) → label.
-#: The left main (LM) belongs to the LAD subtree.
-ARTERY_CODES: dict[str, int] = {
+#: SNOMED CT anatomic region codes (as in pydicom's code dictionary) → label.
+#: The left main (LM) belongs to the LAD subtree. Calcium of the aorta and the
+#: aortic and mitral valves is non-coronary calcium (OTHER_CALCIUM).
+ANATOMIC_REGION_LABELS: dict[str, int] = {
     "59438005": LAD,  # Left anterior descending coronary artery
     "3227004": LAD,  # Left main coronary artery
     "57396003": LCX,  # Circumflex coronary artery
     "13647002": RCA,  # Right coronary artery
+    "15825003": OTHER_CALCIUM,  # Aorta
+    "113262008": OTHER_CALCIUM,  # Thoracic aorta
+    "34202007": OTHER_CALCIUM,  # Aortic valve
+    "91134007": OTHER_CALCIUM,  # Mitral valve
 }
 
 #: Segment label patterns → label, tried in order when no code matches.
-ARTERY_LABEL_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
+SEGMENT_LABEL_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"\b(LAD|LM|left anterior descending|left main)\b", re.IGNORECASE), LAD),
     (re.compile(r"\b(LCX|LCx|CX|circumflex)\b", re.IGNORECASE), LCX),
     (re.compile(r"\b(RCA|right coronary)\b", re.IGNORECASE), RCA),
+    (re.compile(r"\b(other|non-coronary|extra-coronary)\b", re.IGNORECASE), OTHER_CALCIUM),
 )
 
 
@@ -133,7 +141,8 @@ def read_label_map(path: str | Path, volume: CTVolume) -> np.ndarray:
 
     Returns:
         uint8 array of `volume.shape`. NRRD and NIfTI values are returned as
-        stored (0–255). A SEG gives 1 LAD, 2 LCX, 3 RCA and 0 elsewhere.
+        stored (0–255). A SEG gives 1 LAD, 2 LCX, 3 RCA, 4 non-coronary
+        calcium and 0 elsewhere.
 
     Raises:
         LabelError: the file is missing or unreadable, or its geometry,
@@ -361,16 +370,17 @@ def _segment_artery_labels(segmentation, path: Path) -> dict[int, int]:
     mapping: dict[int, int] = {}
     for number in segmentation.segment_numbers:
         description = segmentation.get_segment_description(number)
-        label = _artery_from_codes(description.anatomic_regions)
+        label = _label_from_codes(description.anatomic_regions)
         if label is None:
-            label = _artery_from_codes([description.segmented_property_type])
+            label = _label_from_codes([description.segmented_property_type])
         if label is None:
-            label = _artery_from_segment_label(description.segment_label)
+            label = _label_from_segment_label(description.segment_label)
         if label is None:
             raise LabelError(
                 f"DICOM SEG {path}: segment {number} ({description.segment_label!r}) names no "
                 "coronary artery. Expected anatomic region SCT 59438005 (LAD), 3227004 (LM), "
-                "57396003 (LCX) or 13647002 (RCA), or a segment label with LAD, LM, LCX or RCA"
+                "57396003 (LCX) or 13647002 (RCA), or a segment label with LAD, LM, LCX or RCA, "
+                "or \"other\" for non-coronary calcium"
             )
         mapping[number] = label
     if not mapping:
@@ -378,15 +388,15 @@ def _segment_artery_labels(segmentation, path: Path) -> dict[int, int]:
     return mapping
 
 
-def _artery_from_codes(codes: Sequence) -> int | None:
+def _label_from_codes(codes: Sequence) -> int | None:
     for code in codes:
-        if code is not None and code.scheme_designator in ("SCT", "SRT") and code.value in ARTERY_CODES:
-            return ARTERY_CODES[code.value]
+        if code is not None and code.scheme_designator in ("SCT", "SRT") and code.value in ANATOMIC_REGION_LABELS:
+            return ANATOMIC_REGION_LABELS[code.value]
     return None
 
 
-def _artery_from_segment_label(segment_label: str) -> int | None:
-    for pattern, label in ARTERY_LABEL_PATTERNS:
+def _label_from_segment_label(segment_label: str) -> int | None:
+    for pattern, label in SEGMENT_LABEL_PATTERNS:
         if pattern.search(segment_label or ""):
             return label
     return None

@@ -320,10 +320,10 @@ def test_read_seg_unknown_segment_raises(tmp_path: Path) -> None:
     datasets, volume = series()
     masks = np.zeros((SLICES, ROWS, COLUMNS), dtype=np.uint8)
     masks[0, 0, 0] = 1
-    descriptions = [artery_segment(1, "Aortic valve", codes.SCT.AorticValve)]
+    descriptions = [artery_segment(1, "Liver", codes.SCT.Liver)]
     write_seg(tmp_path / "seg.dcm", datasets, volume, masks, descriptions)
 
-    with pytest.raises(LabelError, match=r"segment 1 \('Aortic valve'\) names no coronary artery"):
+    with pytest.raises(LabelError, match=r"segment 1 \('Liver'\) names no coronary artery"):
         read_label_map(tmp_path / "seg.dcm", volume)
 
 
@@ -349,3 +349,21 @@ def test_read_seg_overlapping_arteries_raise(tmp_path: Path) -> None:
     # The 2 × 2 squares share the single pixel (row 5, column 5).
     with pytest.raises(LabelError, match="segment 2 overlaps another artery's segment in 1 voxels"):
         read_label_map(tmp_path / "seg.dcm", volume)
+
+
+def test_read_seg_aortic_valve_segment_is_other_calcium(tmp_path: Path) -> None:
+    datasets, volume = series()
+    masks = np.zeros((SLICES, ROWS, COLUMNS), dtype=np.uint8)
+    masks[1, 2:4, 2:4] = 1
+    masks[2, 6:8, 6:8] = 2
+    descriptions = [
+        artery_segment(1, "Valve calcium", codes.SCT.AorticValve),
+        artery_segment(2, "Other calcium", None),
+    ]
+    write_seg(tmp_path / "seg.dcm", datasets, volume, masks, descriptions)
+
+    labels = read_label_map(tmp_path / "seg.dcm", volume)
+
+    assert np.count_nonzero(labels == OTHER_CALCIUM) == 8
+    assert labels[1, 2, 2] == OTHER_CALCIUM
+    assert labels[2, 7, 7] == OTHER_CALCIUM
