@@ -22,6 +22,7 @@ from pydicom.uid import (
     PYDICOM_ROOT_UID,
     UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -33,7 +34,7 @@ from pydicom.uid import (
 logger = logging.getLogger(__name__)
 
 #: Transfer syntaxes written without compression.
-NATIVE_TRANSFER_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+NATIVE_TRANSFER_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
 
 #: Axial ImageOrientationPatient of a supine patient: rows run toward patient left, columns toward posterior.
 AXIAL_ORIENTATION: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -172,7 +173,8 @@ def build_ct_datasets(
     mass_calibration_factor: written three times into Calcium Scoring Mass
         Factor Device (0018,9352).
     transfer_syntax: ExplicitVRLittleEndian (default), ImplicitVRLittleEndian,
-        or a syntax that `Dataset.compress` can encode (RLE, JPEG-LS, JPEG 2000).
+        DeflatedExplicitVRLittleEndian, or a syntax that `Dataset.compress`
+        can encode (RLE, JPEG-LS, JPEG 2000).
     compression_options: keyword arguments for `Dataset.compress`, for example
         {"j2k_cr": [20]} for a lossy JPEG 2000 test series.
 
@@ -303,6 +305,8 @@ def build_ct_datasets(
         if transfer_syntax == ImplicitVRLittleEndian:
             ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
             ds.set_original_encoding(True, True)
+        elif transfer_syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
         elif transfer_syntax not in NATIVE_TRANSFER_SYNTAXES:
             ds.compress(
                 transfer_syntax,

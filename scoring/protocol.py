@@ -4,7 +4,7 @@ The Agatston score is defined on non-contrast scans at 120 kVp with 3 mm
 slices, and 2.5 mm reconstructions are in clinical use too. Each rule below is "flag" (the score is produced and carries the flag) or "refuse"
 (ProtocolRefusedError) per ProtocolPolicy:
 
-- KVP: KVP other than 120 (±0.5) or not recorded.
+- KVP: KVP other than 120 (±0.5), not recorded, or different between instances.
 - SLICE_THICKNESS: nominal SliceThickness outside 2.5–3.0 mm or not recorded.
 - SLICE_INCREMENT: measured increment outside 2.5–3.0 mm (same policy as thickness).
 - CONTRAST: a contrast agent recorded in ContrastBolusAgent,
@@ -106,8 +106,8 @@ def check_protocol(
 ) -> tuple[ProtocolFlag, ...]:
     """Return the protocol flags of a series, or raise for deviations whose policy is "refuse".
 
-    headers: the series' instances (any order); kVp and body part come from
-        the first, contrast from any.
+    headers: the series' instances (any order). Body part comes from the
+        first, kVp from all of them, and contrast from any.
     slice_thickness: nominal thickness in mm, None when not recorded.
     slice_increment: measured increment in mm.
     Raises ProtocolRefusedError listing every refused deviation.
@@ -120,7 +120,12 @@ def check_protocol(
     low, high = SLICE_RANGE_MM
 
     kvp = kvp_of(headers[0])
-    if kvp is None:
+    distinct_kvps = sorted({value for value in (kvp_of(header) for header in headers) if value is not None})
+    if len(distinct_kvps) > 1:
+        values = ", ".join(f"{value:g}" for value in distinct_kvps)
+        message = f"kVp differs between slices ({values}); Agatston thresholds and weights are defined for 120 kVp"
+        found.append((policy.kvp, ProtocolFlag("KVP", message)))
+    elif kvp is None:
         found.append((policy.kvp, ProtocolFlag("KVP", "kVp is not recorded; calcium scoring expects 120 kVp")))
     elif abs(kvp - EXPECTED_KVP) > KVP_TOLERANCE:
         found.append(

@@ -206,7 +206,7 @@ def _orientation_of(instance: _Instance) -> object:
     return None if item is None else item.get("ImageOrientationPatient")
 
 
-def ineligibility_reason(instance: _Instance) -> str | None:
+def _ineligibility_reason(instance: _Instance) -> str | None:
     """Return why an instance cannot be part of a scored series, None when it can.
 
     Raises DamagedInstanceError for a CT image without pixel data or orientation.
@@ -245,7 +245,7 @@ def _group_eligible(instances: Sequence[_Instance]) -> dict[str, list[_Instance]
     groups: dict[str, list[_Instance]] = {}
     seen_uids: set[str] = set()
     for instance in instances:
-        reason = ineligibility_reason(instance)
+        reason = _ineligibility_reason(instance)
         if reason is not None:
             logger.info("dropped %s: %s", instance.name, reason)
             continue

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
@@ -379,8 +379,8 @@ def test_load_series_headers_without_pixel_data_sources_unchanged() -> None:
 
 @pytest.mark.parametrize(
     "transfer_syntax",
-    [ImplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless],
-    ids=["implicit", "rle", "jpeg-ls", "jpeg2000"],
+    [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless],
+    ids=["implicit", "deflated", "rle", "jpeg-ls", "jpeg2000"],
 )
 def test_load_series_lossless_syntax_same_hu_as_uncompressed(tmp_path: Path, transfer_syntax: str) -> None:
     hu = _tissue_hu(slices=3)
@@ -490,6 +490,14 @@ def test_load_series_protocol_deviations_flagged() -> None:
     volume = load_series(datasets)
     assert [flag.code for flag in volume.flags] == ["KVP", "SLICE_THICKNESS", "SLICE_INCREMENT", "BODY_PART"]
     assert "100 kVp" in volume.flags[0].message
+
+
+def test_load_series_kvp_differs_between_slices_flagged() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=3))
+    datasets[2].KVP = "100"
+    volume = load_series(datasets)
+    assert [flag.code for flag in volume.flags] == ["KVP"]
+    assert "kVp differs between slices (100, 120)" in volume.flags[0].message
 
 
 def test_load_series_kvp_refuse_policy_raises() -> None:
