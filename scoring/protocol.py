@@ -91,6 +91,14 @@ def contrast_evidence(header: Dataset) -> str | None:
     return None
 
 
+def validate_policy(policy: ProtocolPolicy) -> None:
+    """Raise ValueError when a ProtocolPolicy field is neither "flag" nor "refuse"."""
+    for field_name in ("kvp", "thickness", "contrast", "body_part"):
+        action = getattr(policy, field_name)
+        if action not in ("flag", "refuse"):
+            raise ValueError(f"ProtocolPolicy.{field_name} is {action!r}; expected 'flag' or 'refuse'")
+
+
 def _outside_slice_range(value: float) -> bool:
     low, high = SLICE_RANGE_MM
     return value < low - SLICE_RANGE_TOLERANCE_MM or value > high + SLICE_RANGE_TOLERANCE_MM
@@ -112,10 +120,7 @@ def check_protocol(
     slice_increment: measured increment in mm.
     Raises ProtocolRefusedError listing every refused deviation.
     """
-    for field_name in ("kvp", "thickness", "contrast", "body_part"):
-        action = getattr(policy, field_name)
-        if action not in ("flag", "refuse"):
-            raise ValueError(f"ProtocolPolicy.{field_name} is {action!r}; expected 'flag' or 'refuse'")
+    validate_policy(policy)
     found: list[tuple[str, ProtocolFlag]] = []
     low, high = SLICE_RANGE_MM
 

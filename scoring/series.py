@@ -57,7 +57,7 @@ from scoring.errors import (
     NoEligibleSeriesError,
     SeriesError,
 )
-from scoring.protocol import check_protocol, kvp_of
+from scoring.protocol import check_protocol, kvp_of, validate_policy
 from scoring.slice_geometry import (
     SliceRecord,
     check_consistent,
@@ -101,6 +101,7 @@ class _Instance:
     name: str
     sop_class_uid: str
     transfer_syntax: str | None
+    sop_class_from_file_meta: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,11 @@ def _make_instance(dataset: Dataset, name: str) -> _Instance:
             f"{name} has SOPClassUID {sop_class} but MediaStorageSOPClassUID {media_class}; "
             "the file is damaged or was edited inconsistently; remove it or re-send the series"
         )
-    if not sop_class and media_class:
+    from_file_meta = not sop_class and bool(media_class)
+    if from_file_meta:
         sop_class = media_class
         logger.debug("%s has an empty SOPClassUID; using MediaStorageSOPClassUID %s", name, sop_class)
-    return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset))
+    return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset), from_file_meta)
 
 
 def _source_paths(path: Path) -> list[Path]:
@@ -376,6 +378,23 @@ def _mass_calibration_factor(header: Dataset) -> float | None:
     return factor
 
 
+def _decode_volume(ordered: Sequence[SliceRecord], instances: Sequence[_Instance]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every plane in volume order; return float32 HU and the padding mask."""
+    stored_by_instance: dict[int, np.ndarray] = {}
+    first = ordered[0]
+    hu = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
+    padding_mask = np.empty(hu.shape, dtype=bool)
+    for slice_index, record in enumerate(ordered):
+        instance = instances[record.instance_index]
+        if record.instance_index not in stored_by_instance:
+            stored_by_instance[record.instance_index] = decode_stored_values(instance.dataset, instance.name)
+        frame_index = 0 if record.frame_number is None else record.frame_number - 1
+        stored = stored_by_instance[record.instance_index][frame_index]
+        padding = padding_range(instance.dataset)
+        hu[slice_index], padding_mask[slice_index] = stored_to_hu(stored, record.slope, record.intercept, padding)
+    return hu, padding_mask
+
+
 def load_series(
     source: DicomSource,
     policy: ProtocolPolicy = ProtocolPolicy(),
@@ -400,8 +419,9 @@ def load_series(
     DamagedInstanceError (a file that cannot be read completely).
     Raises TypeError when `source` is not a path or a sequence.
     """
+    validate_policy(policy)
     instances = _read_source(source)
-    without_class = sum(1 for instance in instances if not instance.dataset.get("SOPClassUID"))
+    without_class = sum(1 for instance in instances if instance.sop_class_from_file_meta)
     if without_class:
         logger.info("%d instances have an empty SOPClassUID; used their MediaStorageSOPClassUID", without_class)
     groups = _group_eligible(instances)
@@ -419,19 +439,8 @@ def load_series(
     check_consistent(records, series)
     ordered, increment = sort_and_measure(records, series)
 
-    stored_by_instance: dict[int, np.ndarray] = {}
+    hu, padding_mask = _decode_volume(ordered, instances)
     first = ordered[0]
-    hu = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
-    padding_mask = np.empty(hu.shape, dtype=bool)
-    for slice_index, record in enumerate(ordered):
-        if record.instance_index not in stored_by_instance:
-            instance = instances[record.instance_index]
-            stored_by_instance[record.instance_index] = decode_stored_values(instance.dataset, instance.name)
-        frame_index = 0 if record.frame_number is None else record.frame_number - 1
-        stored = stored_by_instance[record.instance_index][frame_index]
-        padding = padding_range(instances[record.instance_index].dataset)
-        hu[slice_index], padding_mask[slice_index] = stored_to_hu(stored, record.slope, record.intercept, padding)
-    stored_by_instance.clear()
 
     # One header per instance, in the order its first plane appears in the volume.
     instance_order = list(dict.fromkeys(record.instance_index for record in ordered))
