@@ -10,10 +10,10 @@ Steps of `load_series`:
    the patient's z axis). ORIGINAL and DERIVED images are both valid.
    Everything else is dropped with a logged reason, and so is a second copy
    of a SOPInstanceUID. A damaged file is an error, not a drop, because a
-   dropped slice at either end of the stack would go unnoticed: a DICOM file
-   that fails to parse, an empty one, one whose SOPClassUID differs from its
-   MediaStorageSOPClassUID, and a CT image without pixel data or orientation
-   raise DamagedInstanceError.
+   dropped slice at either end of the stack would go unnoticed. Damaged
+   means a DICOM file that fails to parse or is empty, a SOPClassUID that
+   differs from the MediaStorageSOPClassUID, or a CT image without pixel
+   data or orientation. These raise DamagedInstanceError.
 3. Group by SeriesInstanceUID. Instances without one form a single group
    named "(no SeriesInstanceUID)". That group is decoded and checked like any
    other, so protocol errors come first. Then `load_series` raises
