@@ -375,7 +375,7 @@ def _validated_labels(volume: CTVolume, labels: np.ndarray) -> np.ndarray:
             f"{volume.series_instance_uid} has {volume.shape}. Use a label map made "
             "in the geometry of this series."
         )
-    if labels.dtype.kind not in "iub":
+    if labels.dtype.kind not in "iu":
         raise LabelError(
             f"label map has data type {labels.dtype}, but integer labels are expected: "
             "0 background, 1 LAD, 2 LCX, 3 RCA, 4 non-coronary calcium"

@@ -475,3 +475,11 @@ def test_score_volume_qrm_inserts_match_reference_scorer(qrm_dicom_dir) -> None:
         # Agatston scores and masses measured here agree within 4 %, so 5 % is the bound.
         assert lesion.agatston == pytest.approx(expected_agatston, rel=0.05), (density, size)
         assert lesion.mass_mg == pytest.approx(expected_mass, rel=0.05), (density, size)
+
+
+def test_score_volume_boolean_labels_raise() -> None:
+    hu, labels = blank()
+
+    # A boolean mask names no artery, so it is rejected rather than read as LAD.
+    with pytest.raises(LabelError, match="data type bool"):
+        score_volume(make_volume(hu), labels > 0)

@@ -367,3 +367,40 @@ def test_read_seg_aortic_valve_segment_is_other_calcium(tmp_path: Path) -> None:
     assert np.count_nonzero(labels == OTHER_CALCIUM) == 8
     assert labels[1, 2, 2] == OTHER_CALCIUM
     assert labels[2, 7, 7] == OTHER_CALCIUM
+
+
+def test_read_seg_of_enhanced_ct_maps_source_frames(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from scoring.ct_builder import build_enhanced_ct_dataset
+    from scoring.series import load_series
+
+    # Frame 1 holds slice 2, frame 2 slice 0, frame 3 slice 3, frame 4 slice 1.
+    frame_order = [2, 0, 3, 1]
+    enhanced = build_enhanced_ct_dataset(
+        blank_hu(SLICES, ROWS, COLUMNS), frame_order=frame_order, pixel_spacing=(0.5, 0.7), uid_seed="enhanced"
+    )
+    volume = load_series([enhanced])
+    assert volume.frame_numbers == (2, 4, 1, 3)
+    expected = np.zeros(volume.shape, dtype=np.uint8)
+    expected[0, 1:3, 2:5] = LAD
+    expected[3, 10:12, 4] = LAD
+    segmentation = hd.seg.Segmentation(
+        source_images=[enhanced],
+        pixel_array=(expected[frame_order] > 0).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[artery_segment(1, "LAD", codes.SCT.LeftAnteriorDescendingCoronaryArtery)],
+        series_instance_uid=hd.UID(),
+        series_number=100,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="cacs-node tests",
+        manufacturer_model_name="test_labels",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    segmentation.save_as(tmp_path / "seg.dcm")
+
+    with caplog.at_level("INFO", logger="scoring.labels"):
+        labels = read_label_map(tmp_path / "seg.dcm", volume)
+
+    assert "matching by plane position" not in caplog.text
+    assert np.array_equal(labels, expected)
