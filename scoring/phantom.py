@@ -99,9 +99,14 @@ RESCALE_INTERCEPT = -1024.0
 #: HU range a 12-bit CT reconstruction stores; values beyond it are clipped.
 HU_RANGE = (-1024.0, 3071.0)
 
+#: The phantom's mass calibration factor (mg HA per cm³ per HU) as (0018,9352) stores it:
+#: the attribute's VR is FL, so the value is the float32 nearest to the configured default.
+MASS_CALIBRATION_FACTOR = float(np.float32(DEFAULT_MASS_CALIBRATION_FACTOR))
+
 SLICE_THICKNESS_MM = 3.0
 KVP = 120.0
 DEFAULT_SLICES = 48
+DEFAULT_QRM_SLICES = 40
 FIELD_OF_VIEW_MM = (0.35 * 512, 0.8 * 512)
 
 
@@ -356,15 +361,26 @@ def _apply_metal(volume: np.ndarray, grid: Grid, anatomy: Anatomy, rng: np.rando
 def _add_noise(volume: np.ndarray, rng: np.random.Generator, sigma: float) -> None:
     """Add correlated Gaussian noise with standard deviation `sigma` HU, in place.
 
-    White noise smoothed in-plane by the separable kernel [1, 2, 1] / 4 keeps
-    0.375 of its variance; the amplitude is scaled back to sigma.
+    White noise is smoothed in-plane by the separable kernel [0.5, 1, 0.5] on
+    rows and on columns, which gives CT-like fine-grained texture and multiplies
+    the variance by 1.5 per axis; the amplitude is divided by 1.5 to keep sigma.
+    Border rows and columns keep a slightly lower variance.
     """
     noise = rng.standard_normal(volume.shape, dtype=np.float32)
-    smooth = noise.copy()
-    smooth[:, 1:-1, :] = 0.5 * noise[:, 1:-1, :] + 0.25 * (noise[:, :-2, :] + noise[:, 2:, :])
-    noise[:, :, 1:-1] = 0.5 * smooth[:, :, 1:-1] + 0.25 * (smooth[:, :, :-2] + smooth[:, :, 2:])
-    noise *= np.float32(sigma / np.sqrt(0.375))
-    volume += noise
+    rows_smoothed = np.empty_like(noise)
+    rows_smoothed[:, [0, -1], :] = noise[:, [0, -1], :]
+    middle = rows_smoothed[:, 1:-1, :]
+    np.add(noise[:, :-2, :], noise[:, 2:, :], out=middle)
+    middle *= 0.5
+    middle += noise[:, 1:-1, :]
+    smoothed = noise
+    smoothed[:, :, [0, -1]] = rows_smoothed[:, :, [0, -1]]
+    middle = smoothed[:, :, 1:-1]
+    np.add(rows_smoothed[:, :, :-2], rows_smoothed[:, :, 2:], out=middle)
+    middle *= 0.5
+    middle += rows_smoothed[:, :, 1:-1]
+    smoothed *= np.float32(sigma / 1.5)
+    volume += smoothed
 
 
 def _quantise(volume: np.ndarray, padding: np.ndarray) -> np.ndarray:
@@ -403,7 +419,7 @@ def make_case(
     *,
     mode: str = "patient",
     size: int = 512,
-    slices: int = DEFAULT_SLICES,
+    slices: int | None = None,
     pixel_spacing: float | None = None,
     burden: str | None = None,
     zero_calcium: bool = False,
@@ -418,7 +434,8 @@ def make_case(
         phantom with nine hydroxyapatite cylinders; see `scoring.phantom_qrm`).
     size: rows and columns (default 512). With another size the field of view
         stays clinical, so the pixel spacing scales by 512 / size.
-    slices: number of contiguous 3 mm slices (default 48, 144 mm around the heart).
+    slices: number of contiguous 3 mm slices (default 48, 144 mm around the
+        heart; 40 in the QRM mode).
     pixel_spacing: in mm; drawn from the field of view when None.
     burden: coronary calcium class ("zero", "minimal", "mild", "moderate",
         "severe"); drawn when None. zero_calcium=True forces "zero".
@@ -427,12 +444,20 @@ def make_case(
         drawn per case when None (15 % and 25 % of cases).
     uid_prefix: root of the generated UIDs.
 
-    Returns a PhantomCase. Raises ValueError for an unknown mode or an option out of range.
+    Returns a PhantomCase. Raises ValueError for an unknown mode, an option out
+    of range, or a patient-mode option (burden, zero_calcium, metal, motion) in the QRM mode.
     """
     if mode not in MODES:
         raise ValueError(f"mode is {mode!r}; expected one of {', '.join(MODES)}")
+    if slices is None:
+        slices = DEFAULT_QRM_SLICES if mode == "qrm" else DEFAULT_SLICES
     _check_options(size, slices, pixel_spacing, noise_hu, burden)
     if mode == "qrm":
+        patient_options = {"burden": burden, "zero_calcium": zero_calcium or None, "metal": metal, "motion": motion}
+        given = [name for name, value in patient_options.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to the patient mode only; the QRM mode has no coronary "
+                             "anatomy. Leave them out for mode='qrm'")
         from scoring.phantom_qrm import make_qrm_case
 
         return make_qrm_case(seed, size=size, slices=slices, pixel_spacing=pixel_spacing,
@@ -504,7 +529,7 @@ def make_case(
         pixel_spacing=(spacing, spacing),
         positions=positions,
         slice_thickness=SLICE_THICKNESS_MM,
-        mass_calibration_factor=DEFAULT_MASS_CALIBRATION_FACTOR,
+        mass_calibration_factor=MASS_CALIBRATION_FACTOR,
         description=description,
         uid_seed=_uid_seed(seed, "patient", size, slices, pixel_spacing, chosen_burden, noise_hu, metal, motion),
         uid_prefix=uid_prefix,

@@ -77,10 +77,14 @@ class Centerline:
     points: np.ndarray
     radii: np.ndarray
     arc_length: np.ndarray = field(init=False)
+    z_low: float = field(init=False)
+    z_high: float = field(init=False)
 
     def __post_init__(self) -> None:
         steps = np.linalg.norm(np.diff(self.points, axis=0), axis=1)
         object.__setattr__(self, "arc_length", np.concatenate(([0.0], np.cumsum(steps))))
+        object.__setattr__(self, "z_low", float(self.points[:, 2].min()))
+        object.__setattr__(self, "z_high", float(self.points[:, 2].max()))
 
     @property
     def length(self) -> float:
@@ -212,19 +216,26 @@ def _tapered(points: np.ndarray, start_radius: float, end_radius: float) -> np.n
     return np.linspace(start_radius, end_radius, len(points))
 
 
-def _coronary_centerlines(heart: HeartShape, aortic_root: np.ndarray, aortic_radius: float,
-                          rng: np.random.Generator, scale: float) -> dict[str, Centerline]:
-    """Build LM, LAD, LCX and RCA on the heart surface, inside the epicardial fat."""
+def _coronary_centerlines(heart: HeartShape, rng: np.random.Generator, scale: float
+                          ) -> tuple[dict[str, Centerline], np.ndarray, float]:
+    """Build LM, LAD, LCX and RCA on the heart surface, inside the epicardial fat.
+
+    Returns the centerlines, the aortic root centre (mm) and the aortic radius (mm).
+    """
     depth = rng.uniform(2.5, 3.5)
     av_groove = rng.uniform(-0.55, -0.4)
     wiggle = rng.uniform(0.03, 0.08)
 
-    # LM: from the left coronary ostium on the aortic root to the bifurcation on the surface.
+    # LM: 8–18 mm from the left coronary ostium on the aortic root to the bifurcation;
+    # the root lies on the way from the bifurcation to the centre of the heart base.
     bifurcation_angle = rng.uniform(-1.2, -0.9)
     bifurcation = heart.surface_point(av_groove, bifurcation_angle, depth)
-    towards = _unit(bifurcation - aortic_root)
-    left_ostium = aortic_root + aortic_radius * towards
-    lm_points = _polyline(np.array([left_ostium, 0.5 * (left_ostium + bifurcation) + [0, 0, 2.0], bifurcation]))
+    base_centre = heart.centre - 0.75 * heart.semi_axes[0] * heart.long_axis
+    towards_base = _unit(base_centre - bifurcation)
+    aortic_radius = rng.uniform(13, 17) * scale
+    left_ostium = bifurcation + rng.uniform(8, 18) * scale * towards_base
+    aortic_root = left_ostium + aortic_radius * towards_base
+    lm_points = _polyline(np.array([left_ostium, bifurcation]))
 
     # LAD: anterior interventricular groove, from the bifurcation to near the apex.
     steps = 60
@@ -252,12 +263,13 @@ def _coronary_centerlines(heart: HeartShape, aortic_root: np.ndarray, aortic_rad
                                np.full(20, crux_angle), depth)
     rca_points = np.concatenate((_polyline(np.array([right_ostium, rca_entry])), groove, descending))
 
-    return {
+    centerlines = {
         "LM": Centerline("LM", lm_points, _tapered(lm_points, 2.3 * scale, 2.1 * scale)),
         "LAD": Centerline("LAD", lad_points, _tapered(lad_points, 1.9 * scale, 0.9 * scale)),
         "LCX": Centerline("LCX", lcx_points, _tapered(lcx_points, 1.7 * scale, 1.0 * scale)),
         "RCA": Centerline("RCA", rca_points, _tapered(rca_points, 2.0 * scale, 1.0 * scale)),
     }
+    return centerlines, aortic_root, aortic_radius
 
 
 def _lung_vessels(rng: np.random.Generator, anatomy_centre: np.ndarray, scale: float,
@@ -299,13 +311,13 @@ def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> An
     right = _unit(np.cross(long_axis, anterior))
     if right[0] > 0:
         right = -right
-    heart_centre = np.array([rng.uniform(8, 22) * scale, spine_y - rng.uniform(75, 90) * scale, 0.0])
+    heart_centre = np.array([rng.uniform(15, 28) * scale, spine_y - rng.uniform(75, 90) * scale, 0.0])
     heart = HeartShape(
         centre=heart_centre,
         long_axis=long_axis,
         anterior=anterior,
         right=right,
-        semi_axes=(rng.uniform(62, 72) * scale, rng.uniform(50, 57) * scale, rng.uniform(56, 66) * scale),
+        semi_axes=(rng.uniform(56, 65) * scale, rng.uniform(44, 50) * scale, rng.uniform(48, 56) * scale),
         base_widening=rng.uniform(0.1, 0.25),
     )
     left_ventricle = HeartShape(
@@ -317,9 +329,8 @@ def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> An
         base_widening=0.0,
     )
 
-    # Great vessels: the aortic root sits at the base, slightly anterior of the long axis.
-    aortic_radius = rng.uniform(13, 17) * scale
-    aortic_root = heart_centre - 0.55 * heart.semi_axes[0] * long_axis + 0.1 * heart.semi_axes[1] * anterior
+    # Great vessels: the ascending aorta rises from the root at the heart base.
+    centerlines, aortic_root, aortic_radius = _coronary_centerlines(heart, rng, scale)
     top = z_range[1] + 20
     ascending = _polyline(np.array([aortic_root, aortic_root + [-8 * scale, 2, 0.5 * (top - aortic_root[2])],
                                     [aortic_root[0] - 12 * scale, aortic_root[1] + 4, top]]))
@@ -335,7 +346,6 @@ def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> An
     descending = (spine[0] + rng.uniform(22, 32) * scale, spine_y - rng.uniform(20, 30) * scale,
                   rng.uniform(10, 14) * scale)
 
-    centerlines = _coronary_centerlines(heart, aortic_root, aortic_radius, rng, scale)
     heart_low, _ = heart.z_extent(0.0)
     rib_spacing = rng.uniform(24, 30) * scale
     first_rib = z_range[0] - 80 + rng.uniform(0, rib_spacing)
@@ -416,19 +426,26 @@ def _paint_ellipse(image: np.ndarray, grid: Grid, centre: tuple[float, float],
 
 
 def tube_fraction(grid: Grid, z: float, line: Centerline, z_tolerance: float,
-                  radius_scale: float = 1.0, extra_radius: float = 0.0
-                  ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+                  extra_radius: float = 0.0) -> tuple[tuple[slice, slice], np.ndarray] | None:
     """Pixel fractions inside a tube around `line` on the slice at z.
 
-    The distance along z is reduced by `z_tolerance` mm, so a thin vessel that
-    passes between slice centres still shows, as it would in a thick slice.
+    The tube is the union of spheres on the centerline points. The distance
+    along z is reduced by `z_tolerance` mm, so a thin vessel that passes
+    between slice centres still shows, as it would in a thick slice.
     Returns (box, fraction) or None when the tube misses the slice.
     """
-    radii = line.radii * radius_scale + extra_radius
-    near = np.abs(line.points[:, 2] - z) <= radii + z_tolerance
+    reach_z = float(line.radii.max()) + extra_radius + z_tolerance
+    if z < line.z_low - reach_z or z > line.z_high + reach_z:
+        return None
+    # Wide vessels use every few points: spheres of radius r spaced r / 4 apart
+    # leave ridges of about r / 128 on the tube wall.
+    stride = max(int(float(line.radii.mean()) / 4 / 0.5), 1)
+    points = line.points[::stride]
+    radii = line.radii[::stride] + extra_radius
+    near = np.abs(points[:, 2] - z) <= radii + z_tolerance
     if not near.any():
         return None
-    points = line.points[near]
+    points = points[near]
     radii = radii[near]
     reach = float(radii.max()) + 2 * grid.spacing
     box = grid.pixel_box(points[:, 0].min() - reach, points[:, 0].max() + reach,
@@ -436,19 +453,27 @@ def tube_fraction(grid: Grid, z: float, line: Centerline, z_tolerance: float,
     if box is None:
         return None
     rows, columns = box
-    x = grid.x[columns]
-    y = grid.y[rows]
     dz = np.maximum(np.abs(points[:, 2] - z) - z_tolerance, 0.0)
-    fraction = np.zeros((len(y), len(x)), dtype=np.float32)
-    # Process points in chunks to bound the (rows, columns, points) temporary.
-    chunk = max(1, 4_000_000 // max(len(x) * len(y), 1))
-    for start in range(0, len(points), chunk):
-        px = points[start:start + chunk, 0]
-        py = points[start:start + chunk, 1]
-        distance_squared = ((x[None, :, None] - px) ** 2 + (y[:, None, None] - py) ** 2
-                            + dz[start:start + chunk] ** 2)
-        margin = radii[start:start + chunk] - np.sqrt(distance_squared)
-        np.maximum(fraction, np.clip(0.5 + margin.max(axis=2) / grid.spacing, 0.0, 1.0), out=fraction)
+    fraction = np.zeros((rows.stop - rows.start, columns.stop - columns.start), dtype=np.float32)
+
+    # Consecutive points lie close together, so each run of them gets its own small box.
+    run = 8
+    for start in range(0, len(points), run):
+        part = slice(start, start + run)
+        part_reach = float(radii[part].max()) + 2 * grid.spacing
+        part_box = grid.pixel_box(points[part, 0].min() - part_reach, points[part, 0].max() + part_reach,
+                                  points[part, 1].min() - part_reach, points[part, 1].max() + part_reach)
+        if part_box is None:
+            continue
+        part_rows, part_columns = part_box
+        x = grid.x[part_columns]
+        y = grid.y[part_rows]
+        distance_squared = ((x[None, :, None] - points[part, 0]) ** 2 + (y[:, None, None] - points[part, 1]) ** 2
+                            + dz[part] ** 2)
+        margin = (radii[part] - np.sqrt(distance_squared)).max(axis=2)
+        local = fraction[part_rows.start - rows.start:part_rows.stop - rows.start,
+                         part_columns.start - columns.start:part_columns.stop - columns.start]
+        np.maximum(local, np.clip(0.5 + margin / grid.spacing, 0.0, 1.0), out=local)
     return box, fraction
 
 
@@ -511,11 +536,15 @@ def render_template(anatomy: Anatomy, grid: Grid) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RibRing:
-    """Pixels of the chest-wall ring where ribs can appear, with their angle and depth."""
+    """Chest-wall pixels where ribs can appear, sorted by `around`.
+
+    around: angular position, 0 at the spine and 1 at the sternum.
+    depth_mm: depth below the outer surface of the muscle layer.
+    """
 
     rows: np.ndarray
     columns: np.ndarray
-    angle: np.ndarray
+    around: np.ndarray
     depth_mm: np.ndarray
 
 
@@ -530,31 +559,43 @@ def rib_ring(anatomy: Anatomy, grid: Grid) -> RibRing:
     mean_axis = 0.5 * (a + b) - fat
     depth = (1.0 - rho) * mean_axis
     rows, columns = np.nonzero((depth > -2.0) & (depth < anatomy.chest_wall_mm + 6.0))
-    angle = np.arctan2(grid.x[columns], grid.y[rows])  # 0 posterior, ±π anterior.
-    return RibRing(rows, columns, angle, depth[rows, columns])
+    around = np.abs(np.arctan2(grid.x[columns], grid.y[rows])) / np.pi
+    order = np.argsort(around, kind="stable")
+    return RibRing(rows[order], columns[order], around[order], depth[rows, columns][order])
+
+
+#: Rib cross-sections slope down from the spine to the front: z = level − drop × around^RIB_CURVE.
+RIB_CURVE = 1.3
 
 
 def paint_ribs(image: np.ndarray, anatomy: Anatomy, ring: RibRing, z: float) -> None:
-    """Draw the rib cross-sections on one slice: each rib slopes down from the spine to the front."""
+    """Draw the rib cross-sections on one slice, bone from the spine round to the costal cartilage."""
     hu = anatomy.hu
-    around = np.abs(ring.angle) / np.pi  # 0 at the spine, 1 at the sternum.
     rib_depth = anatomy.chest_wall_mm * 0.5
     half_height = 5.5 * anatomy.body_scale
     half_thickness = 4.0 * anatomy.body_scale
-    cortical = np.zeros(ring.rows.shape, dtype=bool)
-    marrow = np.zeros(ring.rows.shape, dtype=bool)
-    cartilage = np.zeros(ring.rows.shape, dtype=bool)
-    bony_part = (around > 0.12) & (around < 0.78)
-    cartilage_part = (around >= 0.78) & (around < 0.93)
     for level in anatomy.rib_levels:
-        rib_z = level - anatomy.rib_drop * around ** 1.3
-        q = ((z - rib_z) / half_height) ** 2 + ((ring.depth_mm - rib_depth) / half_thickness) ** 2
-        cortical |= (q <= 1.0) & bony_part
-        marrow |= (q <= 0.45) & bony_part
-        cartilage |= (q <= 1.0) & cartilage_part
-    image[ring.rows[cartilage], ring.columns[cartilage]] = hu["cartilage"]
-    image[ring.rows[cortical], ring.columns[cortical]] = hu["cortical_bone"]
-    image[ring.rows[marrow], ring.columns[marrow]] = hu["cancellous_bone"]
+        # Angular range where this rib is within half its height of the slice.
+        low = max(level - z - half_height, 0.0) / anatomy.rib_drop
+        high = (level - z + half_height) / anatomy.rib_drop
+        if high <= 0:
+            continue
+        low_around = max(low ** (1 / RIB_CURVE), 0.12)
+        high_around = min(high ** (1 / RIB_CURVE), 0.93)
+        if low_around >= high_around:
+            continue
+        start, stop = np.searchsorted(ring.around, [low_around, high_around])
+        around = ring.around[start:stop]
+        rib_z = level - anatomy.rib_drop * around ** RIB_CURVE
+        q = ((z - rib_z) / half_height) ** 2 + ((ring.depth_mm[start:stop] - rib_depth) / half_thickness) ** 2
+        rows = ring.rows[start:stop]
+        columns = ring.columns[start:stop]
+        cartilage = (q <= 1.0) & (around >= 0.78)
+        cortical = (q <= 1.0) & (around < 0.78)
+        marrow = (q <= 0.45) & (around < 0.78)
+        image[rows[cartilage], columns[cartilage]] = hu["cartilage"]
+        image[rows[cortical], columns[cortical]] = hu["cortical_bone"]
+        image[rows[marrow], columns[marrow]] = hu["cancellous_bone"]
 
 
 def paint_slice(image: np.ndarray, anatomy: Anatomy, grid: Grid, z: float) -> None:
@@ -595,7 +636,7 @@ def paint_slice(image: np.ndarray, anatomy: Anatomy, grid: Grid, z: float) -> No
 
     # Great vessels in their fat sleeves, then the coronary arteries in the epicardial fat.
     for vessel in anatomy.great_vessels.values():
-        _paint_tube(image, grid, z, vessel, hu["fat"], half_slab, extra_radius=3.0)
+        _paint_tube(image, grid, z, vessel, hu["fat"], half_slab, extra_radius=3.0, only_below=-200.0)
     for vessel in anatomy.great_vessels.values():
         _paint_tube(image, grid, z, vessel, hu["blood"], half_slab)
     for vessel in anatomy.centerlines.values():

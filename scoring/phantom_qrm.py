@@ -27,8 +27,8 @@ from pydicom.uid import PYDICOM_ROOT_UID
 
 from scoring.config import CALCIUM_THRESHOLD_HU, DEFAULT_MASS_CALIBRATION_FACTOR
 
-#: mg HA per cm³ per HU of the calibration mode.
-CALIBRATION_FACTOR = DEFAULT_MASS_CALIBRATION_FACTOR
+#: mg HA per cm³ per HU of the calibration mode: the float32 value (0018,9352) stores.
+CALIBRATION_FACTOR = float(np.float32(DEFAULT_MASS_CALIBRATION_FACTOR))
 
 #: Insert densities (mg HA/cm³) with their label values.
 DENSITY_LABELS: dict[float, int] = {200.0: 1, 400.0: 2, 800.0: 3}

@@ -44,22 +44,25 @@ def draw_regions(anatomy: Anatomy, grid: Grid, labels: np.ndarray, padding_mask:
     artery_points = {a: np.concatenate(p) for a, p in points_by_artery.items()}
     artery_radii = {a: np.concatenate(r) for a, r in radii_by_artery.items()}
 
+    coronary_slices = ((labels >= LAD) & (labels <= RCA)).any(axis=(1, 2))
     for index, z in enumerate(grid.z):
         if skipped[index]:
             continue
         near_any = np.zeros(grid.shape[1:], dtype=bool)
         scribbles = np.zeros(grid.shape[1:], dtype=np.uint8)
         conflict = np.zeros(grid.shape[1:], dtype=bool)
+        no_calcium = np.zeros(grid.shape[1:], dtype=bool)
         for artery in range(LAD, RCA + 1):
-            own_calcium = labels[index] == artery
+            own_calcium = labels[index] == artery if coronary_slices[index] else no_calcium
+            calcium_rows, calcium_columns = np.nonzero(own_calcium) if coronary_slices[index] else ((), ())
             in_slab = np.abs(artery_points[artery][:, 2] - z) <= grid.slice_thickness / 2
-            if not in_slab.any() and not own_calcium.any():
+            if not in_slab.any() and len(calcium_rows) == 0:
                 continue
             points = artery_points[artery][in_slab]
             radii = artery_radii[artery][in_slab]
             reach = contour_radius + gap + 2 * grid.spacing
-            xs = np.concatenate((points[:, 0], grid.x[np.nonzero(own_calcium)[1]]))
-            ys = np.concatenate((points[:, 1], grid.y[np.nonzero(own_calcium)[0]]))
+            xs = np.concatenate((points[:, 0], grid.x[np.asarray(calcium_columns, dtype=int)]))
+            ys = np.concatenate((points[:, 1], grid.y[np.asarray(calcium_rows, dtype=int)]))
             box = grid.pixel_box(xs.min() - reach, xs.max() + reach, ys.min() - reach, ys.max() + reach)
             if box is None:
                 continue
@@ -87,11 +90,10 @@ def draw_regions(anatomy: Anatomy, grid: Grid, labels: np.ndarray, padding_mask:
         slice_regions[scribbles != 0] = scribbles[scribbles != 0]
         slice_regions[conflict] = REGION_UNLABELLED
 
-        # Never scribble an artery over calcium of another artery.
-        coronary = (labels[index] >= LAD) & (labels[index] <= RCA)
-        wrong = coronary & (slice_regions != labels[index])
-        slice_regions[wrong & (slice_regions != REGION_OTHER_CAR)] = REGION_UNLABELLED
-        slice_regions[coronary & (slice_regions == REGION_OTHER_CAR)] = REGION_UNLABELLED
+        # Never scribble an artery over calcium of another artery, nor call coronary calcium OTHER_CAR.
+        if coronary_slices[index]:
+            coronary = (labels[index] >= LAD) & (labels[index] <= RCA)
+            slice_regions[coronary & (slice_regions != labels[index])] = REGION_UNLABELLED
         slice_regions[padding_mask[index]] = REGION_UNLABELLED
         regions[index] = slice_regions
     return regions
