@@ -149,6 +149,8 @@ def read_label_map(path: str | Path, volume: CTVolume) -> np.ndarray:
             references, segments or values do not match the series.
     """
     path = Path(path)
+    if path.is_dir():
+        raise LabelError(f"label map {path} is a folder. Give the NRRD, NIfTI or DICOM SEG file itself.")
     if not path.is_file():
         raise LabelError(f"label map {path} not found. Give an NRRD, NIfTI or DICOM SEG file.")
     if _is_dicom_file(path):

@@ -404,3 +404,10 @@ def test_read_seg_of_enhanced_ct_maps_source_frames(tmp_path: Path, caplog: pyte
 
     assert "matching by plane position" not in caplog.text
     assert np.array_equal(labels, expected)
+
+
+def test_label_map_folder_raises(tmp_path: Path) -> None:
+    _, volume = series()
+
+    with pytest.raises(LabelError, match="is a folder. Give the NRRD, NIfTI or DICOM SEG file itself"):
+        read_label_map(tmp_path, volume)
