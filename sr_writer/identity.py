@@ -9,7 +9,7 @@ description that depend only on the source series and the object kind.
 from __future__ import annotations
 
 import re
-from copy import copy, deepcopy
+from copy import deepcopy
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -203,11 +203,30 @@ def highdicom_source(header: Dataset) -> Dataset:
 
     highdicom reads the Type 2 patient and study attributes of its first
     source image with attribute access, so a source that omits one fails.
-    The copy carries them empty. The output gets the source's own values
-    afterwards from copy_patient_and_study.
+    The copy carries them empty. The person names are emptied as well,
+    because highdicom warns about single-component names with the name in the
+    message, which would put it into the node's log. Every output gets the
+    source's own values afterwards from copy_patient_and_study.
     """
-    source = copy(header)
+    # copy.copy(Dataset) shares the element dictionary with the original, so
+    # the copy gets a dictionary of its own holding the same element objects.
+    source = Dataset()
+    for element in header:
+        source.add(element)
     for keyword in _TYPE2_KEYWORDS:
         if keyword not in source:
             setattr(source, keyword, None)
+    replace_element(source, "PatientName", None)
+    replace_element(source, "ReferringPhysicianName", None)
     return source
+
+
+def replace_element(dataset: Dataset, keyword: str, value: object) -> None:
+    """Set `keyword` in `dataset` to a new data element, leaving any old element object untouched.
+
+    A copy made by highdicom_source shares its DataElement objects with the
+    original, and plain assignment changes the shared element in place.
+    """
+    if keyword in dataset:
+        del dataset[keyword]
+    setattr(dataset, keyword, value)

@@ -28,6 +28,7 @@ from sr_writer.identity import (
     copy_patient_and_study,
     highdicom_source,
     new_uid,
+    replace_element,
     series_description,
     series_number,
 )
@@ -326,5 +327,5 @@ def _highdicom_source(header: Dataset, slice_thickness: float) -> Dataset:
     """Return `highdicom_source(header)` with SliceThickness set when a single-frame source lacks it."""
     source = highdicom_source(header)
     if "NumberOfFrames" not in source and not source.get("SliceThickness"):
-        source.SliceThickness = slice_thickness
+        replace_element(source, "SliceThickness", slice_thickness)
     return source

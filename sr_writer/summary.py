@@ -119,12 +119,16 @@ def build_summary_image(
     copy_patient_and_study(first_header, image)
     image.SeriesDescription = series_description("summary", algorithm)
     image.BurnedInAnnotation = "YES"
+    # Workstation: the page is rendered by software, not digitised.
+    image.ConversionType = "WSD"
     image.ImageComments = "Automatically generated calcium score summary; not verified by a physician"
     image.ManufacturerModelName = algorithm.name
     image.SoftwareVersions = [algorithm.version, f"model {algorithm.model_version}"]
     image.DeviceSerialNumber = device_serial_number
     image.DerivationDescription = "Calcium score table and axial CT slices with calcium overlay"
-    image.SourceImageSequence = [_source_reference(volume, index) for index in shown]
+    if shown:
+        # Type 3 sequence that must not be empty when present.
+        image.SourceImageSequence = [_source_reference(volume, index) for index in shown]
     logger.info(
         "built summary image %s for series %s showing slice(s) %s",
         image.SOPInstanceUID,

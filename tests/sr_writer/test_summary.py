@@ -1,0 +1,132 @@
+"""Tests of the summary Secondary Capture: pixels, annotations, chosen slices and validity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from scoring.errors import LabelError
+from sr_writer import AlgorithmIdentification, build_summary_image
+from sr_writer.seg import ARTERY_COLORS
+from sr_writer.summary import PAGE_SIZE, slices_with_most_calcium
+from tests.dicom_validation import assert_dciodvfy_clean
+from tests.sr_writer.synthetic_ct import TEST_UID_ROOT, Lesion, make_case
+
+ALGORITHM = AlgorithmIdentification(name="cacs-node", version="1.0.0", model_version="unet-test-3")
+SERIAL = "node-test-1"
+
+#: Rows of the page that hold the slice panels (figure y from 0.04 to 0.48, measured from the bottom).
+PANEL_ROWS = slice(int(PAGE_SIZE[1] * (1 - 0.48)) + 2, int(PAGE_SIZE[1] * (1 - 0.04)) - 2)
+
+
+def _build(case):
+    return build_summary_image(
+        case.volume, case.labels, case.result, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL
+    )
+
+
+def _overlay_pixels(pixels: np.ndarray, artery: str) -> int:
+    """Count panel pixels within 40 of the artery colour blended at 85 % over grey."""
+    panel = pixels[PANEL_ROWS].astype(int)
+    colour = np.array(ARTERY_COLORS[artery])
+    distance = np.abs(panel - colour).max(axis=-1)
+    return int((distance <= 40).sum())
+
+
+def test_build_summary_image_rgb_burned_in(tmp_path):
+    case = make_case()
+    image = _build(case)
+    path = tmp_path / f"{image.SOPInstanceUID}.dcm"
+    image.save_as(path, enforce_file_format=True)
+    read_back = pydicom.dcmread(path)
+
+    assert read_back.SOPClassUID == SecondaryCaptureImageStorage
+    assert read_back.PhotometricInterpretation == "RGB"
+    assert read_back.SamplesPerPixel == 3
+    assert read_back.BitsAllocated == 8
+    assert (read_back.Rows, read_back.Columns) == (960, 1280)
+    assert read_back.BurnedInAnnotation == "YES"
+    assert read_back.ConversionType == "WSD"
+    assert "not verified" in read_back.ImageComments
+    assert read_back.SeriesNumber == 704
+    assert read_back.SeriesDescription == "CAC summary (cacs-node 1.0)"
+    assert read_back.pixel_array.shape == (960, 1280, 3)
+    assert_dciodvfy_clean(path)
+
+
+def test_build_summary_image_overlay_colours_per_artery():
+    case = make_case()
+    pixels = _build(case).pixel_array
+
+    # Each artery's 5 × 5 lesion is drawn in its SEG colour on its slice panel.
+    for artery in ("LAD", "LCX", "RCA"):
+        assert _overlay_pixels(pixels, artery) > 50, artery
+
+
+def test_build_summary_image_source_slices_referenced():
+    case = make_case()
+    image = _build(case)
+
+    # Voxels ≥ 130 HU per slice: LAD 25 on slice 2 and 9 on slice 3, LCX 25 on
+    # slice 4, RCA 25 on slice 5. The three largest are slices 2, 4 and 5.
+    referenced = [item.ReferencedSOPInstanceUID for item in image.SourceImageSequence]
+    assert referenced == [case.volume.sop_instance_uids[index] for index in (2, 4, 5)]
+
+
+def test_build_summary_image_zero_calcium_no_overlay(tmp_path):
+    case = make_case(())
+    image = _build(case)
+    path = tmp_path / "zero.dcm"
+    image.save_as(path, enforce_file_format=True)
+
+    assert "SourceImageSequence" not in image
+    for artery in ("LAD", "LCX", "RCA"):
+        assert _overlay_pixels(image.pixel_array, artery) == 0, artery
+    assert_dciodvfy_clean(path)
+
+
+def test_build_summary_image_utf8_name_valid(tmp_path):
+    case = make_case(patient_name="Ørsted^Zoë Ágnes", specific_character_set="ISO_IR 192")
+    image = _build(case)
+    path = tmp_path / "utf8.dcm"
+    image.save_as(path, enforce_file_format=True)
+
+    read_back = pydicom.dcmread(path)
+    assert read_back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(read_back.PatientName) == "Ørsted^Zoë Ágnes"
+    assert_dciodvfy_clean(path)
+
+
+def test_slices_with_most_calcium_ranks_coronary_voxels():
+    case = make_case(
+        (
+            Lesion("LAD", slice_index=1, row=10, column=8, size=2),
+            Lesion("LCX", slice_index=3, row=10, column=8, size=6),
+            Lesion("RCA", slice_index=6, row=10, column=8, size=4),
+            Lesion("RCA", slice_index=7, row=10, column=8, size=3),
+        ),
+        other_calcium=True,
+    )
+    # Coronary voxels per slice: 4, 36, 16 and 9 on slices 1, 3, 6 and 7. The
+    # 16 OTHER_CALCIUM voxels on slice 1 do not count.
+    assert slices_with_most_calcium(case.volume, case.labels, 130.0) == [3, 6, 7]
+
+
+def test_slices_with_most_calcium_below_threshold_ignored():
+    case = make_case((Lesion("LAD", slice_index=2, row=10, column=8, hu=120.0),))
+    assert slices_with_most_calcium(case.volume, case.labels, 130.0) == []
+
+
+def test_build_summary_image_label_shape_mismatch_raises():
+    case = make_case()
+    with pytest.raises(LabelError, match=r"CAC label volume has shape \(8, 40, 35\)"):
+        build_summary_image(
+            case.volume,
+            case.labels[..., 1:],
+            case.result,
+            algorithm=ALGORITHM,
+            uid_root=TEST_UID_ROOT,
+            device_serial_number=SERIAL,
+        )
