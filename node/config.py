@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 class NodeSection:
     """The `[node]` table: how the node listens and identifies itself.
 
-    ae_title: called AE title this node answers to (default "CACS_NODE").
+    ae_title: called AE title of this node (default "CACS_NODE").
     bind_address: address the Storage SCP listens on (default "0.0.0.0").
     port: TCP port of the SCP (default 11112).
     max_associations: associations served at once; one more is rejected with
@@ -123,8 +123,8 @@ class StorageSection:
     root: folder holding received instances, outputs and the job database
         (default /var/lib/cacs-node). A relative path is resolved against the
         folder of the settings file.
-    min_free_space_mb: free space, in MiB, below which C-STORE requests are
-        answered 0xA700 Out of Resources (default 1024).
+    min_free_space_mb: free space, in MiB, below which C-STORE requests get
+        status 0xA700 Out of Resources (default 1024).
     """
 
     root: Path = Path("/var/lib/cacs-node")
@@ -183,7 +183,7 @@ class NodeSettings:
 
 
 def default_config_path() -> Path:
-    """The settings file used without --config: $CACS_NODE_CONFIG, else ./node.toml."""
+    """Return the settings file used without --config: $CACS_NODE_CONFIG, else ./node.toml."""
     return Path(os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or "node.toml")
 
 

@@ -2,7 +2,7 @@
 
 A job moves through received → scoring → writing → sending → done, or ends as
 failed (the node or a destination failed; `cacs-node retry` may help) or
-refused (the input cannot be scored as it is; the reason says what to change).
+refused (the input cannot be scored as it is, and the reason states what to change).
 The database lives in the storage root, so the node and the `status` and
 `retry` commands share it. WAL mode lets those commands read while the node
 writes.
@@ -160,7 +160,7 @@ class Job:
     updated_at: float
 
     def to_json(self) -> dict[str, Any]:
-        """The `cacs-node status --json` form of the job."""
+        """Return the `cacs-node status --json` form of the job."""
         return {
             "id": self.id,
             "series_instance_uid": self.series_instance_uid,
@@ -176,18 +176,6 @@ class Job:
             "agatston_total": (self.result or {}).get("agatston", {}).get("total"),
             "risk_category": (self.result or {}).get("risk_category"),
         }
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """What `JobStore.record_instance` did with a received instance.
-
-    kind: "stored" (new instance), "duplicate" (identical to the stored one,
-        ignored) or "conflict" (same SOPInstanceUID, different content).
-    """
-
-    kind: str
-    existing: InstanceRecord | None = None
 
 
 def series_fingerprint(instances: Sequence[InstanceRecord]) -> str:
@@ -238,7 +226,7 @@ class JobStore:
     # Instances and series.
 
     def find_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
-        """The stored instance with this SOPInstanceUID, or None."""
+        """Return the stored instance with this SOPInstanceUID, or None."""
         with self._lock:
             row = self._connection.execute(
                 "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
@@ -338,7 +326,7 @@ class JobStore:
         )
 
     def series_instances(self, series_uid: str) -> list[InstanceRecord]:
-        """The instances registered for a series, in SOPInstanceUID order."""
+        """Return the instances registered for a series, in SOPInstanceUID order."""
         with self._lock:
             rows = self._connection.execute(
                 "SELECT * FROM instances WHERE series_instance_uid = ? ORDER BY sop_instance_uid", (series_uid,)
@@ -351,7 +339,7 @@ class JobStore:
             return {row[0] for row in self._connection.execute("SELECT path FROM instances")}
 
     def series_conflict(self, series_uid: str) -> str:
-        """The conflict reason of a series, "" when it has none."""
+        """Return the conflict reason of a series, "" when it has none."""
         with self._lock:
             row = self._connection.execute(
                 "SELECT conflict FROM series WHERE series_instance_uid = ?", (series_uid,)
@@ -359,7 +347,7 @@ class JobStore:
         return row[0] if row else ""
 
     def conflicts_of_series(self, series_uid: str) -> list[dict[str, Any]]:
-        """The conflicting copies of a series, oldest first."""
+        """Return the conflicting copies of a series, oldest first."""
         with self._lock:
             rows = self._connection.execute(
                 "SELECT * FROM conflicts WHERE series_instance_uid = ? ORDER BY id", (series_uid,)
@@ -450,7 +438,7 @@ class JobStore:
         return self.job(job_id)
 
     def job(self, job_id: int) -> Job:
-        """The job with this id.
+        """Return the job with this id.
 
         Raises:
             JobStoreError: no such job.
@@ -485,7 +473,7 @@ class JobStore:
         return [_job_from_row(row) for row in rows]
 
     def claim(self, job_id: int) -> bool:
-        """Move a job from received to scoring; False when another state holds it."""
+        """Move a job from received to scoring; return False when the job is in another state."""
         with self._transaction() as cursor:
             cursor.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ? AND state = ?",
@@ -524,9 +512,9 @@ class JobStore:
     def requeue(self, job_id: int, *, force: bool, note: str, resend_only: bool = False) -> Job:
         """Put a job back for the worker, for `cacs-node retry`.
 
-        resend_only: keep the written outputs and the sends that succeeded and
-            move the job to sending, so only what failed is sent again;
-            otherwise the job goes back to received and is scored again.
+        resend_only: keep the written outputs and the successful sends, and
+            move the job to sending, so only what failed is sent again. When
+            False, the job goes back to received and is scored again.
 
         Raises:
             JobStoreError: no such job.
@@ -551,7 +539,7 @@ class JobStore:
         return self.job(job_id)
 
     def reset_interrupted(self) -> list[int]:
-        """Return jobs left in scoring or writing by a stop to received; list the active ones.
+        """Move jobs that a stop left in scoring or writing back to received; list the active jobs.
 
         Jobs in sending keep their state and their outputs, so only what was
         not yet sent is sent again.
@@ -597,8 +585,8 @@ class JobStore:
     def latest_output(self, series_uid: str, kind: str, *, before_job_id: int) -> tuple[int, str] | None:
         """(job id, relative path) of the newest output of `kind` of an earlier job of the series.
 
-        Only jobs that reached sending or done count, because their outputs
-        may be in a PACS and must be superseded.
+        Only jobs in sending, done or failed count, because their outputs may
+        already be in a PACS and must be superseded.
         """
         with self._lock:
             row = self._connection.execute(
@@ -617,7 +605,7 @@ class JobStore:
                 cursor.execute("INSERT INTO job_outputs VALUES (?, ?, ?, ?)", (job_id, kind, path, sop_uid))
 
     def outputs(self, job_id: int) -> dict[str, tuple[str, str]]:
-        """The written outputs of a job: kind → (relative path, SOPInstanceUID)."""
+        """Return the written outputs of a job: kind → (relative path, SOPInstanceUID)."""
         with self._lock:
             rows = self._connection.execute(
                 "SELECT kind, path, sop_instance_uid FROM job_outputs WHERE job_id = ?", (job_id,)

@@ -3,7 +3,7 @@
 `ScoringPipeline` is the real pipeline: `scoring.series.load_series` →
 `scoring.inference.segment_volume` → `scoring.agatston.score_volume` →
 `sr_writer.write_outputs` → `node.scu.send_with_retries`. The job runner
-(node.worker) only sees the `Pipeline` protocol, so tests of the job machinery
+(node.worker) only uses the `Pipeline` protocol, so tests of the job machinery
 can pass a fast stand-in.
 """
 
@@ -51,7 +51,7 @@ class WrittenOutput:
 
 
 class Pipeline(Protocol):
-    """What the job runner calls; every method runs on the worker thread."""
+    """Steps the job runner calls, each on the worker thread."""
 
     def model_version(self) -> str:
         """Version of the model that `score` uses; may load the model."""

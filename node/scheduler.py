@@ -24,7 +24,7 @@ class CompletionScheduler:
 
     quiet_period_s: seconds without a new instance after which a series is complete.
     submit: hands a job id to the worker; called on the scheduler thread.
-    is_queued: tells whether the worker already holds a job id.
+    is_queued: returns True when the worker already has the job id.
     poll_interval_s: seconds between polls; by default a fifth of the quiet
         period, at most 1 s, so completion is late by at most that much.
     """

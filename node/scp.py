@@ -112,7 +112,7 @@ def caller_of(assoc: Association) -> Caller:
 
 
 def _normalised_address(address: str) -> str:
-    """The address as `ipaddress` prints it, with IPv4-mapped IPv6 turned into IPv4."""
+    """Return the address as `ipaddress` formats it, with IPv4-mapped IPv6 turned into IPv4."""
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
@@ -123,7 +123,7 @@ def _normalised_address(address: str) -> str:
 
 
 def _host_addresses(host: str) -> set[str]:
-    """The IP addresses of a peer's host entry; a name is resolved each time."""
+    """Return the IP addresses of a peer's host entry, resolving a host name on each call."""
     try:
         return {_normalised_address(str(ipaddress.ip_address(host)))}
     except ValueError:
@@ -317,7 +317,7 @@ class StorageSCP:
 
         if not self.store.has_free_space():
             logger.error(
-                "C-STORE %s from %s answered 0xA700: %.0f MiB free, minimum %d MiB",
+                "C-STORE %s from %s: response status 0xA700: %.0f MiB free, minimum %d MiB",
                 requested_instance,
                 caller,
                 self.store.free_space_bytes() / 2**20,
@@ -333,7 +333,7 @@ class StorageSCP:
             _check_structure(dataset, len(file_bytes))
         except Exception as error:
             logger.error(
-                "C-STORE %s from %s answered 0xC210: dataset cannot be parsed (%s: %s)",
+                "C-STORE %s from %s: response status 0xC210: dataset cannot be parsed (%s: %s)",
                 requested_instance,
                 caller,
                 type(error).__name__,
@@ -369,7 +369,7 @@ class StorageSCP:
         sop_class = str(dataset.get("SOPClassUID", ""))
         if sop_class != requested_class:
             logger.error(
-                "C-STORE %s from %s answered 0xA900: dataset SOP Class UID %r, request %r",
+                "C-STORE %s from %s: response status 0xA900: dataset SOP Class UID %r, request %r",
                 requested_instance,
                 caller,
                 sop_class,
@@ -381,7 +381,7 @@ class StorageSCP:
         missing = [name for name, value in uids.items() if not value]
         if missing:
             logger.error(
-                "C-STORE %s from %s answered 0xA900: required attribute(s) %s missing",
+                "C-STORE %s from %s: response status 0xA900: required attribute(s) %s missing",
                 requested_instance,
                 caller,
                 ", ".join(missing),
@@ -391,7 +391,7 @@ class StorageSCP:
         invalid = [name for name, value in uids.items() if not is_valid_uid(value)]
         if invalid:
             logger.error(
-                "C-STORE %s from %s answered 0xC211: %s not a valid UID (%s)",
+                "C-STORE %s from %s: response status 0xC211: %s not a valid UID (%s)",
                 requested_instance,
                 caller,
                 ", ".join(invalid),
@@ -401,7 +401,7 @@ class StorageSCP:
 
         if uids["SOPInstanceUID"] != requested_instance:
             logger.error(
-                "C-STORE from %s answered 0xC211: dataset SOP Instance UID %s, request %s",
+                "C-STORE from %s: response status 0xC211: dataset SOP Instance UID %s, request %s",
                 caller,
                 uids["SOPInstanceUID"],
                 requested_instance,
@@ -432,7 +432,7 @@ class StorageSCP:
             path = self.store.instance_path(study_uid, series_uid, sop_uid)
             self.store.write_atomically(path, file_bytes)
         except (OSError, StorageError) as error:
-            logger.error("C-STORE answered 0xA700, cannot write the instance (%s): %s", error, ids)
+            logger.error("C-STORE response status 0xA700, cannot write the instance (%s): %s", error, ids)
             return _failure(STATUS_OUT_OF_RESOURCES, "node cannot write the instance; see node log"), "write-failed"
 
         record = InstanceRecord(
@@ -474,7 +474,7 @@ class StorageSCP:
             if not path.exists():
                 self.store.write_atomically(path, file_bytes)
         except (OSError, StorageError) as error:
-            logger.error("C-STORE answered 0xA700, cannot write the conflicting copy (%s): %s", error, ids)
+            logger.error("C-STORE response status 0xA700, cannot write the conflicting copy (%s): %s", error, ids)
             return _failure(STATUS_OUT_OF_RESOURCES, "node cannot write the instance; see node log"), "write-failed"
 
         self.jobs.record_conflict(

@@ -129,7 +129,7 @@ class NodeServer:
     def _register_unrecorded_instances(self, jobs: JobStore) -> None:
         """Register instance files that a stop left on disk but not in the job store.
 
-        The SCP answers success only after registering, so these instances
+        The SCP returns success only after registering, so these instances
         were never acknowledged; keeping them spares the sender a re-send.
         """
         known = jobs.all_instance_paths()

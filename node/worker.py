@@ -88,6 +88,7 @@ class JobRunner:
             return job_id in self._queued
 
     def _run(self) -> None:
+        self._preload_model()
         while not self._stop.is_set():
             try:
                 job_id = self._queue.get(timeout=0.2)
@@ -104,6 +105,16 @@ class JobRunner:
                 with self._queued_lock:
                     self._queued.discard(job_id)
                 self._busy.clear()
+
+    def _preload_model(self) -> None:
+        # Loading the model before the first series arrives takes the load
+        # time out of the first job's latency. A failure here is only logged:
+        # each job then fails with the reason, and a fixed model file is
+        # picked up by the next job.
+        try:
+            self.pipeline.model_version()
+        except Exception as error:
+            logger.error("cannot load the model at start (%s); jobs fail until it loads", error)
 
     def _fail_unexpectedly(self, job_id: int) -> None:
         try:

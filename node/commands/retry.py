@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 
 class RetryError(ValueError):
-    """The job cannot be retried as requested; the message says what to do."""
+    """The job cannot be retried as requested; the message states what to do."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """Tests of series completion, the job runner, restart and retry, with a fast stand-in pipeline.
 
-The real pipeline (model, writers, SCU) runs in the integration tests; here
+The real pipeline (model, writers, SCU) runs in the integration tests. Here
 `FakePipeline` scores a series as 10 Agatston per instance and writes two
-small stand-in objects (kinds "seg" and "sr"), so the job machinery runs in
+small stand-in objects (kinds "seg" and "sr"). So the job machinery runs in
 well under a second per series.
 """
 

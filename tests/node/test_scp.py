@@ -159,7 +159,7 @@ def test_store_rle_instance_kept_compressed(node: NodeServer) -> None:
 
 
 def test_store_sop_class_mismatch_returns_a900(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The request (taken from the file meta) says CT Image Storage, the dataset Secondary Capture.
+    # The request (taken from the file meta) names CT Image Storage, the dataset Secondary Capture.
     dataset = make_ct_datasets(uid_seed="mismatch")[0]
     dataset.SOPClassUID = SECONDARY_CAPTURE
     body = BytesIO()
