@@ -346,6 +346,16 @@ class JobStore:
             ).fetchone()
         return row[0] if row else ""
 
+    def series_origin(self, series_uid: str) -> str:
+        """Return "CALLING_AE@address" of the peer that sent the series' latest instance, "" when unknown."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT calling_ae_title, peer_address FROM series WHERE series_instance_uid = ?", (series_uid,)
+            ).fetchone()
+        if row is None or not row[0]:
+            return ""
+        return f"{row[0]}@{row[1]}"
+
     def conflicts_of_series(self, series_uid: str) -> list[dict[str, Any]]:
         """Return the conflicting copies of a series, oldest first."""
         with self._lock:

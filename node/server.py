@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings
@@ -38,6 +39,7 @@ class NodeServer:
         self.runner: JobRunner | None = None
         self.scheduler: CompletionScheduler | None = None
         self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
 
     @property
     def port(self) -> int:
@@ -69,6 +71,7 @@ class NodeServer:
 
         scp = StorageSCP(self.settings, self.store, self.jobs)
         ae = scp.build_ae()
+        self._ae = ae
         node = self.settings.node
         try:
             self._server = ae.start_server(
@@ -89,14 +92,22 @@ class NodeServer:
         )
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop listening, stop the scheduler and let the worker finish its current step.
+        """Stop listening, abort open associations, stop the scheduler and let the worker finish its step.
 
-        Instances already acknowledged are on disk and in the job store; the
-        next start completes their series and resumes unfinished jobs.
+        Instances already acknowledged are on disk and in the job store. The
+        next start completes their series and resumes unfinished jobs. A
+        sender whose association is aborted gets no response for the instance
+        in flight and sends it again.
         """
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        if self._ae is not None:
+            open_associations = list(self._ae.active_associations)
+            if open_associations:
+                logger.warning("stopping: aborting %d open association(s)", len(open_associations))
+            # AE.shutdown stops the listening server and aborts the associations.
+            self._ae.shutdown()
+            for assoc in open_associations:
+                assoc.join(timeout)
+            self._ae = None
             self._server = None
         if self.scheduler is not None:
             self.scheduler.stop()

@@ -129,7 +129,10 @@ class JobRunner:
     def process(self, job_id: int) -> None:
         """Run one job from its current state to done, failed or refused."""
         job = self.jobs.job(job_id)
-        ids = f"job {job.id} study {job.study_instance_uid} series {job.series_instance_uid}"
+        origin = self.jobs.series_origin(job.series_instance_uid)
+        ids = f"job {job.id} study {job.study_instance_uid} series {job.series_instance_uid}" + (
+            f" from {origin}" if origin else ""
+        )
         if job.state == SENDING:
             logger.info("%s: resuming sending", ids)
             self._send(job, ids)
@@ -182,6 +185,8 @@ class JobRunner:
         total = scored.result.agatston.get("total")
         logger.info("%s: scored %d instance(s), total Agatston %s, risk category %s", ids, len(instances), total,
                     scored.result.risk_category)
+        if self.settings.node.log_patient_identifiers:
+            self._log_patient(scored, ids)
 
         self.jobs.set_state(job.id, WRITING, "", result=scored.result.to_json(), model_version=scored.model_version)
         try:
@@ -202,6 +207,15 @@ class JobRunner:
 
         self.jobs.set_state(job.id, SENDING, "")
         self._send(self.jobs.job(job.id), ids)
+
+    @staticmethod
+    def _log_patient(scored: Any, ids: str) -> None:
+        # Only with [node] log_patient_identifiers = true: the operator has
+        # decided that the log is protected like the images.
+        headers = getattr(scored.volume, "headers", ()) or ()
+        if headers:
+            header = headers[0]
+            logger.info("%s: patient %s, PatientID %s", ids, header.get("PatientName", ""), header.get("PatientID", ""))
 
     def _predecessor_sr(self, job: Job, ids: str) -> Any:
         earlier = self.jobs.latest_output(job.series_instance_uid, "sr", before_job_id=job.id)

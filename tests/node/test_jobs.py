@@ -377,3 +377,43 @@ def test_status_json_lists_jobs(node: NodeServer, tmp_path: Path, capsys: pytest
     listed = json.loads(capsys.readouterr().out)["jobs"]
     assert [(job["state"], job["instance_count"], job["agatston_total"]) for job in listed] == [(DONE, 5, 50.0)]
     assert listed[0]["series_instance_uid"] == str(datasets[0].SeriesInstanceUID)
+
+
+def test_stop_with_open_association_keeps_acknowledged(settings: NodeSettings) -> None:
+    from tests.node.helpers import associate
+
+    datasets = make_ct_datasets(uid_seed="open-association")
+    first = NodeServer(settings, pipeline=FakePipeline())
+    first.start()
+    ae, assoc = associate(first.port)
+    statuses = [int(assoc.send_c_store(dataset).Status) for dataset in datasets[:3]]
+    first.stop()  # the association is still open and gets aborted
+    aborted = assoc.is_aborted
+    ae.shutdown()
+
+    pipeline = FakePipeline()
+    second = NodeServer(settings, pipeline=pipeline)
+    second.start()
+    try:
+        assert store_all(second.port, datasets[3:]) == [0x0000] * 2
+        assert second.wait_idle(20)
+        jobs = _jobs(second).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        second.stop()
+
+    assert statuses == [0x0000] * 3
+    assert aborted
+    assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 5)]
+
+
+def test_node_logs_omit_patient_identifiers(node: NodeServer, caplog: pytest.LogCaptureFixture) -> None:
+    datasets = make_ct_datasets(uid_seed="privacy", patient_name="DOE^JANE", patient_id="MRN-123456")
+
+    with caplog.at_level("DEBUG"):
+        store_all(node.port, datasets)
+        assert node.wait_idle(20)
+
+    # Logged: the series and job lines; never the patient's name or ID.
+    assert str(datasets[0].SeriesInstanceUID) in caplog.text
+    assert "DOE" not in caplog.text
+    assert "MRN-123456" not in caplog.text
