@@ -9,6 +9,7 @@ JPEG 2000, pylibjpeg-rle for RLE).
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -221,17 +222,21 @@ def stored_to_hu(
     return hu.astype(np.float32), mask
 
 
-def strip_pixel_data(dataset: Dataset) -> Dataset:
+def strip_pixel_data(dataset: Dataset, *, copy_elements: bool = False) -> Dataset:
     """Return a new dataset with the elements of `dataset` except the pixel data elements.
 
-    The source dataset is left unchanged; file_meta is shared. Deferred pixel
-    data is never read, because only the tags of pixel elements are touched.
+    copy_elements: deep-copy every element. Without it the new dataset shares
+        the element objects (and file_meta) with `dataset`, so changing an
+        element's value in place changes both.
+    Deferred pixel data is never read, because only the tags of pixel
+    elements are touched.
     """
     header = Dataset()
     for tag in dataset.keys():
         if tag in _PIXEL_DATA_TAGS:
             continue
-        header.add(dataset[tag])
+        element = dataset[tag]
+        header.add(copy.deepcopy(element) if copy_elements else element)
     if hasattr(dataset, "file_meta"):
         header.file_meta = dataset.file_meta
     return header

@@ -102,6 +102,8 @@ class _Instance:
     sop_class_uid: str
     transfer_syntax: str | None
     sop_class_from_file_meta: bool = False
+    #: True for Datasets passed in by the caller, whose elements must not be shared.
+    caller_owned: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,9 @@ def _read_source(source: DicomSource) -> list[_Instance]:
     instances = []
     for index, item in enumerate(items):
         if isinstance(item, Dataset):
-            instances.append(_make_instance(item, _instance_name(item, f"dataset #{index}")))
+            instance = _make_instance(item, _instance_name(item, f"dataset #{index}"))
+            instance.caller_owned = True
+            instances.append(instance)
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item)
             for file_path in _source_paths(path):
@@ -444,7 +448,10 @@ def load_series(
 
     # One header per instance, in the order its first plane appears in the volume.
     instance_order = list(dict.fromkeys(record.instance_index for record in ordered))
-    headers = tuple(strip_pixel_data(instances[index].dataset) for index in instance_order)
+    headers = tuple(
+        strip_pixel_data(instances[index].dataset, copy_elements=instances[index].caller_owned)
+        for index in instance_order
+    )
 
     flags = check_protocol(
         headers,

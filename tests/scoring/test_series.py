@@ -372,6 +372,8 @@ def test_load_series_headers_without_pixel_data_sources_unchanged() -> None:
     assert all("PixelData" in ds for ds in datasets)
     assert [header.SOPInstanceUID for header in volume.headers] == [ds.SOPInstanceUID for ds in datasets]
     assert str(volume.headers[0].PatientName) == "PHANTOM^CACS"
+    volume.headers[0]["PatientName"].value = "CHANGED^NAME"
+    assert str(datasets[0].PatientName) == "PHANTOM^CACS"
 
 
 # --- transfer syntaxes ----------------------------------------------------------
