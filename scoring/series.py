@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,16 +131,35 @@ class SeriesSummary:
         )
 
 
+class _DropLog:
+    """Dropped inputs, logged one line each at DEBUG and one line per reason at INFO."""
+
+    def __init__(self) -> None:
+        self._examples: dict[str, str] = {}
+        self._counts: Counter[str] = Counter()
+
+    def record(self, name: str, reason: str) -> None:
+        logger.debug("dropped %s: %s", name, reason)
+        self._examples.setdefault(reason, name)
+        self._counts[reason] += 1
+
+    def flush(self) -> None:
+        for reason, count in self._counts.items():
+            logger.info("dropped %d input(s): %s (for example %s)", count, reason, self._examples[reason])
+        self._examples.clear()
+        self._counts.clear()
+
+
 def _instance_name(dataset: Dataset, fallback: str) -> str:
     uid = str(dataset.get("SOPInstanceUID", "") or "")
     return f"instance {uid}" if uid else fallback
 
 
-def _read_file(path: Path) -> _Instance | None:
+def _read_file(path: Path, drops: _DropLog) -> _Instance | None:
     try:
         dataset = pydicom.dcmread(path, defer_size=_HEADER_DEFER_SIZE)
     except InvalidDicomError:
-        logger.info("dropped %s: not a DICOM file (no DICM prefix)", path)
+        drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
         return None
     except (OSError, EOFError, ValueError) as error:
         raise DamagedInstanceError(
@@ -177,7 +197,7 @@ def _source_paths(path: Path) -> list[Path]:
     raise NoEligibleSeriesError(f"{path} does not exist; pass a folder or files of one CT series")
 
 
-def _read_source(source: DicomSource) -> list[_Instance]:
+def _read_source(source: DicomSource, drops: _DropLog) -> list[_Instance]:
     items: Iterable[object]
     if isinstance(source, (str, os.PathLike)):
         items = _source_paths(Path(source))
@@ -197,7 +217,7 @@ def _read_source(source: DicomSource) -> list[_Instance]:
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item)
             for file_path in _source_paths(path):
-                instance = _read_file(file_path)
+                instance = _read_file(file_path, drops)
                 if instance is not None:
                     instances.append(instance)
         else:
@@ -247,17 +267,17 @@ def _ineligibility_reason(instance: _Instance) -> str | None:
     return None
 
 
-def _group_eligible(instances: Sequence[_Instance]) -> dict[str, list[_Instance]]:
+def _group_eligible(instances: Sequence[_Instance], drops: _DropLog) -> dict[str, list[_Instance]]:
     groups: dict[str, list[_Instance]] = {}
     seen_uids: set[str] = set()
     for instance in instances:
         reason = _ineligibility_reason(instance)
         if reason is not None:
-            logger.info("dropped %s: %s", instance.name, reason)
+            drops.record(instance.name, reason)
             continue
         sop_uid = str(instance.dataset.get("SOPInstanceUID", "") or "")
         if sop_uid and sop_uid in seen_uids:
-            logger.info("dropped %s: a second copy of the same SOPInstanceUID", instance.name)
+            drops.record(instance.name, "a second copy of the same SOPInstanceUID")
             continue
         seen_uids.add(sop_uid)
         series_uid = str(instance.dataset.get("SeriesInstanceUID", "") or "") or NO_SERIES_UID
@@ -295,7 +315,9 @@ def list_series(source: DicomSource) -> list[SeriesSummary]:
     Raises TypeError for a source of the wrong type and NoEligibleSeriesError
     when a path does not exist.
     """
-    groups = _group_eligible(_read_source(source))
+    drops = _DropLog()
+    groups = _group_eligible(_read_source(source, drops), drops)
+    drops.flush()
     return [_summarize(uid, groups[uid]) for uid in sorted(groups)]
 
 
@@ -424,11 +446,13 @@ def load_series(
     Raises TypeError when `source` is not a path or a sequence.
     """
     validate_policy(policy)
-    instances = _read_source(source)
+    drops = _DropLog()
+    instances = _read_source(source, drops)
     without_class = sum(1 for instance in instances if instance.sop_class_from_file_meta)
     if without_class:
         logger.info("%d instances have an empty SOPClassUID; used their MediaStorageSOPClassUID", without_class)
-    groups = _group_eligible(instances)
+    groups = _group_eligible(instances, drops)
+    drops.flush()
     summaries = [_summarize(uid, groups[uid]) for uid in sorted(groups)]
     chosen = select_series(summaries, series_instance_uid)
     series = chosen.series_instance_uid

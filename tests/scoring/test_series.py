@@ -143,7 +143,8 @@ def test_load_series_non_axial_and_non_ct_dropped(tmp_path: Path, caplog: pytest
     assert volume.sop_instance_uids == tuple(ds.SOPInstanceUID for ds in datasets)
     assert "not axial" in messages
     assert "Secondary Capture Image Storage is not a CT image" in messages
-    assert "notes.txt: not a DICOM file" in messages
+    assert "not a DICOM file (no DICM prefix) (for example file " in messages
+    assert "notes.txt" in messages
 
 
 def test_load_series_two_series_picks_3mm_never_mixes(tmp_path: Path) -> None:
