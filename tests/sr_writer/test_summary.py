@@ -10,15 +10,15 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from scoring.errors import LabelError
 from sr_writer import AlgorithmIdentification, build_summary_image
 from sr_writer.seg import ARTERY_COLORS
-from sr_writer.summary import PAGE_SIZE, slices_with_most_calcium
+from sr_writer.summary import PAGE_SIZE, PANEL_BOTTOM, PANEL_HEIGHT, crop_window, slices_with_most_calcium
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.sr_writer.synthetic_ct import TEST_UID_ROOT, Lesion, make_case
 
 ALGORITHM = AlgorithmIdentification(name="cacs-node", version="1.0.0", model_version="unet-test-3")
 SERIAL = "node-test-1"
 
-#: Rows of the page that hold the slice panels (figure y from 0.04 to 0.48, measured from the bottom).
-PANEL_ROWS = slice(int(PAGE_SIZE[1] * (1 - 0.48)) + 2, int(PAGE_SIZE[1] * (1 - 0.04)) - 2)
+#: Rows of the page that hold the slice panels (figure y is measured from the bottom).
+PANEL_ROWS = slice(int(PAGE_SIZE[1] * (1 - PANEL_BOTTOM - PANEL_HEIGHT)) + 2, int(PAGE_SIZE[1] * (1 - PANEL_BOTTOM)) - 2)
 
 
 def _build(case):
@@ -130,3 +130,24 @@ def test_build_summary_image_label_shape_mismatch_raises():
             uid_root=TEST_UID_ROOT,
             device_serial_number=SERIAL,
         )
+
+
+def test_crop_window_centres_on_calcium():
+    case = make_case(
+        (
+            Lesion("LAD", slice_index=2, row=10, column=8),
+            Lesion("RCA", slice_index=5, row=30, column=25),
+        ),
+        rows=400,
+        columns=400,
+        pixel_spacing=(0.5, 0.5),
+    )
+    # Calcium spans rows 10-34 and columns 8-29 (12.5 × 11 mm), less than the
+    # 120 mm minimum field, so the field is 120 mm = 240 pixels around the
+    # box centre (row 22.5, column 19), clipped at 0 on the top and left.
+    assert crop_window(case.volume, case.labels, 130.0) == ((0, 143), (0, 139))
+
+
+def test_crop_window_without_calcium_whole_image():
+    case = make_case(())
+    assert crop_window(case.volume, case.labels, 130.0) == ((0, 40), (0, 36))
