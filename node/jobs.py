@@ -91,6 +91,15 @@ CREATE TABLE IF NOT EXISTS job_outputs (
     sop_instance_uid TEXT NOT NULL,
     PRIMARY KEY (job_id, kind)
 );
+CREATE TABLE IF NOT EXISTS sr_history (
+    id INTEGER PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    written_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sr_history_by_series ON sr_history(series_instance_uid);
 CREATE TABLE IF NOT EXISTS job_sends (
     job_id INTEGER NOT NULL REFERENCES jobs(id),
     destination TEXT NOT NULL,
@@ -511,13 +520,16 @@ class JobStore:
             columns.append(f"{column} = ?")
             values.append(json.dumps(value) if name == "result" else value)
         with self._transaction() as cursor:
-            cursor.execute(f"UPDATE jobs SET {', '.join(columns)} WHERE id = ?", (*values, job_id))
-            if cursor.rowcount != 1:
+            previous = cursor.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if previous is None:
                 raise JobStoreError(f"job {job_id} not found")
-            cursor.execute(
-                "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
-                (job_id, time.time(), state, reason),
-            )
+            cursor.execute(f"UPDATE jobs SET {', '.join(columns)} WHERE id = ?", (*values, job_id))
+            # The event history records state changes and reasons, not field updates.
+            if previous[0] != state or reason:
+                cursor.execute(
+                    "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
+                    (job_id, time.time(), state, reason),
+                )
 
     def requeue(self, job_id: int, *, force: bool, note: str, resend_only: bool = False) -> Job:
         """Put a job back for the worker, for `cacs-node retry`.
@@ -592,27 +604,35 @@ class JobStore:
             ).fetchone()
         return _job_from_row(row) if row else None
 
-    def latest_output(self, series_uid: str, kind: str, *, before_job_id: int) -> tuple[int, str] | None:
-        """(job id, relative path) of the newest output of `kind` of an earlier job of the series.
+    def latest_sr(self, series_uid: str) -> tuple[int, str] | None:
+        """Return (job id, relative path) of the newest SR written for the series, or None.
 
-        Only jobs in sending, done or failed count, because their outputs may
-        already be in a PACS and must be superseded.
+        Every SR ever written counts, also one of the same job's earlier run
+        (`cacs-node retry --force`), because it may already be in a PACS and
+        the new SR must supersede it.
         """
         with self._lock:
             row = self._connection.execute(
-                "SELECT jobs.id, job_outputs.path FROM jobs JOIN job_outputs ON job_outputs.job_id = jobs.id"
-                " WHERE jobs.series_instance_uid = ? AND job_outputs.kind = ? AND jobs.id < ?"
-                " AND jobs.state IN (?, ?, ?) ORDER BY jobs.id DESC LIMIT 1",
-                (series_uid, kind, before_job_id, SENDING, DONE, FAILED),
+                "SELECT job_id, path FROM sr_history WHERE series_instance_uid = ? ORDER BY id DESC LIMIT 1",
+                (series_uid,),
             ).fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
     def record_outputs(self, job_id: int, outputs: dict[str, tuple[str, str]]) -> None:
-        """Store the written outputs of a job: kind → (relative path, SOPInstanceUID)."""
+        """Store the written outputs of a job: kind → (relative path, SOPInstanceUID).
+
+        The SR also goes into the series' SR history, which `latest_sr` reads.
+        """
         with self._transaction() as cursor:
             cursor.execute("DELETE FROM job_outputs WHERE job_id = ?", (job_id,))
             for kind, (path, sop_uid) in outputs.items():
                 cursor.execute("INSERT INTO job_outputs VALUES (?, ?, ?, ?)", (job_id, kind, path, sop_uid))
+            if "sr" in outputs:
+                cursor.execute(
+                    "INSERT INTO sr_history (series_instance_uid, job_id, sop_instance_uid, path, written_at)"
+                    " SELECT series_instance_uid, id, ?, ?, ? FROM jobs WHERE id = ?",
+                    (outputs["sr"][1], outputs["sr"][0], time.time(), job_id),
+                )
 
     def outputs(self, job_id: int) -> dict[str, tuple[str, str]]:
         """Return the written outputs of a job: kind → (relative path, SOPInstanceUID)."""

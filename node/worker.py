@@ -218,7 +218,7 @@ class JobRunner:
             logger.info("%s: patient %s, PatientID %s", ids, header.get("PatientName", ""), header.get("PatientID", ""))
 
     def _predecessor_sr(self, job: Job, ids: str) -> Any:
-        earlier = self.jobs.latest_output(job.series_instance_uid, "sr", before_job_id=job.id)
+        earlier = self.jobs.latest_sr(job.series_instance_uid)
         if earlier is None:
             return None
         earlier_job, path = earlier

@@ -260,10 +260,16 @@ def test_retry_done_job_needs_force_then_rescores(node: NodeServer, settings: No
     assert node.wait_idle(20)
     job = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
 
+    first_sr_uid = _jobs(node).outputs(job.id)["sr"][1]
+
     with pytest.raises(RetryError, match=f"job {job.id} is done; add --force"):
         retry_job(settings, job.id)
     retry_job(settings, job.id, force=True)
     wait_for(lambda: _jobs(node).job(job.id).state == DONE and len(pipeline.scored) == 2, 20, "forced job not rescored")
+
+    # The SR of the forced re-run supersedes the SR the same job sent before.
+    assert str(pipeline.predecessors[1].SOPInstanceUID) == first_sr_uid
+    assert _jobs(node).outputs(job.id)["sr"][1] != first_sr_uid
 
 
 def test_same_instances_same_model_not_scored_twice(node: NodeServer, pipeline: FakePipeline) -> None:
