@@ -117,7 +117,7 @@ class PhantomCase:
     hu: float32 (slices, rows, columns) in volume order, exactly the HU the
         written series decodes to; pixels outside the reconstruction circle
         hold PADDING_HU and are True in `padding_mask`.
-    labels: uint8 CAC labels; regions: uint8 CAR annotations (module docstring).
+    labels: uint8 CAC labels. regions: uint8 CAR annotations (values in the module docstring).
     pixel_spacing: (row spacing, column spacing) in mm.
     positions: ImagePositionPatient of each slice, (slices, 3), in mm.
     mass_calibration_factor: mg HA per cm³ per HU, also written to (0018,9352).
@@ -334,26 +334,31 @@ def _apply_metal(volume: np.ndarray, grid: Grid, anatomy: Anatomy, rng: np.rando
     """Draw metal (sternal wires or a pacemaker lead) with bright and dark streaks around it."""
     points = _metal_points(anatomy, rng, kind)
     affected = []
-    x = grid.x[None, :]
-    y = grid.y[:, None]
+    x = grid.x[None, :].astype(np.float32)
+    y = grid.y[:, None].astype(np.float32)
     for index, z in enumerate(grid.z):
         near = points[np.abs(points[:, 2] - z) <= grid.slice_thickness / 2]
-        if len(near) == 0:
+        # One streak source per wire crossing: at most two sources at least 5 mm apart.
+        sources: list[np.ndarray] = []
+        for point in near:
+            if len(sources) < 2 and all(np.hypot(*(point[:2] - kept[:2])) > 5.0 for kept in sources):
+                sources.append(point)
+        if not sources:
             continue
-        near = near[:: max(len(near) // 3, 1)]
         affected.append(index)
         image = volume[index]
-        for px, py, _ in near:
-            dx = x - px
-            dy = y - py
+        for px, py, _ in sources:
+            dx = x - np.float32(px)
+            dy = y - np.float32(py)
             distance = np.sqrt(dx * dx + dy * dy)
             streaks = np.zeros(image.shape, dtype=np.float32)
             for _ in range(int(rng.integers(4, 9))):
                 direction = rng.uniform(0, np.pi)
-                across = np.abs(dx * np.sin(direction) - dy * np.cos(direction))
+                across = dx * np.float32(np.sin(direction)) - dy * np.float32(np.cos(direction))
                 amplitude = rng.choice([-1.0, 1.0]) * rng.uniform(80, 350)
-                streaks += amplitude * np.exp(-((across / rng.uniform(0.8, 2.0)) ** 2))
-            image += streaks * np.exp(-distance / 70.0)
+                width = rng.uniform(0.8, 2.0)
+                streaks += np.float32(amplitude) * np.exp(-np.square(across / np.float32(width)))
+            image += streaks * np.exp(-distance / np.float32(70.0))
             image[distance <= 0.9] = 3000.0
     return affected
 
@@ -362,9 +367,9 @@ def _add_noise(volume: np.ndarray, rng: np.random.Generator, sigma: float) -> No
     """Add correlated Gaussian noise with standard deviation `sigma` HU, in place.
 
     White noise is smoothed in-plane by the separable kernel [0.5, 1, 0.5] on
-    rows and on columns, which gives CT-like fine-grained texture and multiplies
-    the variance by 1.5 per axis; the amplitude is divided by 1.5 to keep sigma.
-    Border rows and columns keep a slightly lower variance.
+    rows and on columns, which gives CT-like fine-grained texture. Each pass
+    multiplies the variance by 1.5, so the amplitude is divided by 1.5 to keep
+    sigma. Border rows and columns keep a slightly lower variance.
     """
     noise = rng.standard_normal(volume.shape, dtype=np.float32)
     rows_smoothed = np.empty_like(noise)
@@ -572,7 +577,7 @@ def generate_phantom(out_dir: str | Path, seed: int, *, mode: str = "patient", *
     folder must be empty or missing, so two series are never mixed.
 
     Returns the PhantomCase. Raises ValueError for bad options and
-    FileExistsError when OUT_DIR/dicom already holds files.
+    FileExistsError when OUT_DIR/dicom already contains files.
     """
     from scoring.ct_builder import write_ct_series
     from scoring.labels import write_label_map
@@ -580,7 +585,7 @@ def generate_phantom(out_dir: str | Path, seed: int, *, mode: str = "patient", *
     out_dir = Path(out_dir)
     dicom_dir = out_dir / "dicom"
     if dicom_dir.exists() and any(dicom_dir.iterdir()):
-        raise FileExistsError(f"{dicom_dir} already holds files; choose an empty output folder")
+        raise FileExistsError(f"{dicom_dir} already contains files; choose an empty output folder")
     case = make_case(seed, mode=mode, **options)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -6,12 +6,14 @@ body axis passes through x = y = 0 and the heart centre lies at z = 0. The
 acquisition (`scoring.phantom`) adds the table offset when it writes
 ImagePositionPatient.
 
-Sizes and positions at `body_scale` 1 follow a contrast-enhanced chest CT of
-a 55-year-old man (the chest-cta-anatomy test data, 1.5 mm grid): chest
-320 × 230 mm, sternum about 145 mm anterior of the vertebral body centre,
-heart about 135 mm wide and 100 mm deep at mid-ventricular level with its
-centre 15 mm left of the midline, descending aorta left-anterior of the
-spine. HU values are non-contrast values: blood and myocardium 35–55 HU,
+Sizes and positions at `body_scale` 1 follow measurements on a public
+contrast-enhanced chest CT angiogram of a 55-year-old man (TotalSegmentator
+test data, 1.5 mm grid). The sternum lies about 145 mm anterior of the
+vertebral body centre. At mid-ventricular level the heart is about 135 mm
+wide and 100 mm deep, with its centre 15–25 mm left of the midline. The
+descending aorta runs left-anterior of the spine. At `body_scale` 1 the
+chest is 300–350 mm wide and 210–250 mm deep, and each case draws a
+`body_scale` of 0.85–1.15 that scales all sizes. HU values are non-contrast values: blood and myocardium 35–55 HU,
 fat about −100 HU, aerated lung about −850 HU, cortical bone 600–1000 HU.
 
 Structures that do not change along z (chest wall, thoracic cavity, spine,

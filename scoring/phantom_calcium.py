@@ -43,9 +43,9 @@ class BurdenClass:
 BURDEN_CLASSES: dict[str, BurdenClass] = {
     "zero": BurdenClass(0.18, (0, 0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
     "minimal": BurdenClass(0.17, (1, 3), (0.3, 1.2), (0.0, 3.0), (150.0, 450.0)),
-    "mild": BurdenClass(0.2, (2, 6), (0.5, 1.6), (0.0, 6.0), (160.0, 700.0)),
-    "moderate": BurdenClass(0.2, (4, 10), (0.7, 2.0), (1.0, 10.0), (200.0, 900.0)),
-    "severe": BurdenClass(0.25, (8, 20), (1.0, 2.6), (2.0, 16.0), (250.0, 1300.0)),
+    "mild": BurdenClass(0.2, (2, 5), (0.5, 1.3), (0.0, 4.0), (160.0, 700.0)),
+    "moderate": BurdenClass(0.23, (3, 7), (0.8, 1.6), (1.0, 6.0), (200.0, 800.0)),
+    "severe": BurdenClass(0.22, (6, 16), (0.9, 2.4), (1.5, 14.0), (250.0, 1300.0)),
 }
 
 #: Relative frequency of plaques per coronary segment.
@@ -89,7 +89,7 @@ class Plaque:
 
 @dataclass
 class PlaqueFootprint:
-    """Where one plaque was drawn: per slice a box and the pixels that may be labelled.
+    """Pixels one plaque was drawn into: per slice a box and the pixels that may be labelled.
 
     boxes: slice index → (rows, columns). support: slice index → bool mask of the
     box, the pixels within one pixel of the plaque. core: slice index → bool mask

@@ -1,16 +1,16 @@
 """QRM-style calibration mode of the digital phantom: hydroxyapatite cylinders in a water-like body.
 
-Modelled on a QRM thorax phantom with its Cardiac Calcification Insert, as
-scanned in the qrm-phantom-toshiba test data: an oval thorax of soft-tissue
-equivalent material with lung foam on both sides and a bone-equivalent
-spine, and a 100 mm water-equivalent cylinder in the middle that holds nine
-calcium cylinders. Each cylinder is 1, 3 or 5 mm in both diameter and length,
+Modelled on a QRM thorax phantom with its Cardiac Calcification Insert as a
+Canon Aquilion ONE scans it at 120 kVp (public data of MolloiLab,
+CAC-stanford-data): an oval thorax of soft-tissue equivalent material with
+lung foam on both sides and a bone-equivalent spine. A 100 mm
+water-equivalent cylinder in the middle contains nine calcium cylinders. Each cylinder is 1, 3 or 5 mm in both diameter and length,
 at 200, 400 or 800 mg HA/cm³, with its axis along z.
 
 HU from density: HU = density / CALIBRATION_FACTOR above the 0 HU water
 base, with CALIBRATION_FACTOR = 0.743 mg HA/cm³ per HU (the default factor of
-`scoring.config`, about 1.35 HU per mg HA/cm³ at 120 kVp), giving 269, 538 and
-1077 HU. The series carries the same factor in (0018,9352), so for a cylinder
+`scoring.config` rounded to float32, about 1.35 HU per mg HA/cm³ at 120 kVp),
+giving 269, 538 and 1077 HU. The series carries the same factor in (0018,9352), so for a cylinder
 whose voxels are all above 130 HU the mass score mean HU × volume × factor
 returns density × volume, whatever the partial volume.
 

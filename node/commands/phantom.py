@@ -11,7 +11,7 @@ HELP = (
     "labels, coronary region scribbles and expected scores (truth.json)"
 )
 
-#: Exit status for an option out of range or an output folder that already holds a series.
+#: Exit status for an option out of range or an output folder that already contains a series.
 EXIT_INPUT_ERROR = 2
 
 BURDENS = ("zero", "minimal", "mild", "moderate", "severe")

@@ -1,0 +1,271 @@
+"""Tests of the digital calcium phantom: determinism, exact truth, QRM geometry, labels and scribbles."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from scoring.agatston import score_volume
+from scoring.config import CALCIUM_THRESHOLD_HU
+from scoring.labels import read_label_map
+from scoring.phantom import (
+    PIXEL_PADDING_VALUE,
+    REGION_OTHER_CAR,
+    REGION_TRAINING_CLASSES,
+    REGION_UNLABELLED,
+    generate_phantom,
+    make_case,
+    reconstruction_circle_padding,
+)
+from scoring.phantom_qrm import insert_hu
+from scoring.result import LAD, OTHER_CALCIUM, RCA
+from scoring.series import load_series
+from scoring.volume import PADDING_HU
+
+# Small cases keep the file fast: 128² slices take about 0.05 s, 256² about 0.2 s.
+SMALL = {"size": 128, "slices": 10}
+
+
+def test_make_case_same_seed_identical_arrays() -> None:
+    first = make_case(7, **SMALL)
+    second = make_case(7, **SMALL)
+
+    assert first.hu.tobytes() == second.hu.tobytes()
+    assert first.labels.tobytes() == second.labels.tobytes()
+    assert first.regions.tobytes() == second.regions.tobytes()
+    assert first.series_instance_uid == second.series_instance_uid
+    assert first.sop_instance_uids == second.sop_instance_uids
+    assert first.description == second.description
+
+
+def test_make_case_other_seed_differs() -> None:
+    first = make_case(7, **SMALL)
+    other = make_case(8, **SMALL)
+
+    assert first.hu.tobytes() != other.hu.tobytes()
+    assert first.series_instance_uid != other.series_instance_uid
+
+
+def test_generate_phantom_same_seed_same_files(tmp_path: Path) -> None:
+    options = {"size": 128, "slices": 4, "burden": "severe"}
+    first = generate_phantom(tmp_path / "a", 21, **options)
+    generate_phantom(tmp_path / "b", 21, **options)
+
+    names_a = sorted(p.name for p in (tmp_path / "a" / "dicom").iterdir())
+    names_b = sorted(p.name for p in (tmp_path / "b" / "dicom").iterdir())
+    assert names_a == names_b
+    assert len(names_a) == 4
+    assert names_a[0] == f"{sorted(first.sop_instance_uids)[0]}.dcm"
+    for name in names_a:
+        assert (tmp_path / "a" / "dicom" / name).read_bytes() == (tmp_path / "b" / "dicom" / name).read_bytes()
+    assert (tmp_path / "a" / "truth.json").read_text() == (tmp_path / "b" / "truth.json").read_text()
+
+
+def test_generate_phantom_loaded_series_scores_equal_truth(tmp_path: Path) -> None:
+    # Seed 1 with the severe burden puts LAD and RCA calcium into these 12 slices,
+    # so the comparison is not 0 == 0 (the asserts below check that).
+    case = generate_phantom(tmp_path, 1, size=256, slices=12, burden="severe")
+
+    volume = load_series(tmp_path / "dicom")
+    labels = read_label_map(tmp_path / "labels.nrrd", volume)
+    scored = score_volume(volume, labels).to_json()
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    phantom_description = truth.pop("phantom")
+
+    assert scored == truth
+    assert truth["agatston"]["LAD"] > 0
+    assert truth["agatston"]["RCA"] > 0
+    assert truth["flags"] == []
+    assert truth["mass_calibrated"] is True
+    assert truth["series_instance_uid"] == case.series_instance_uid
+    assert phantom_description["seed"] == 1
+    assert np.array_equal(volume.hu, case.hu)
+    assert np.array_equal(labels, case.labels)
+    assert np.array_equal(read_label_map(tmp_path / "regions.nrrd", volume), case.regions)
+
+
+def test_generate_phantom_series_stores_acquisition(tmp_path: Path) -> None:
+    case = generate_phantom(tmp_path, 3, size=128, slices=3)
+    path = tmp_path / "dicom" / f"{case.sop_instance_uids[0]}.dcm"
+    dataset = pydicom.dcmread(path)
+
+    assert dataset.KVP == 120
+    assert dataset.SliceThickness == 3
+    assert dataset.RescaleIntercept == -1024
+    assert dataset.RescaleSlope == 1
+    assert dataset.PixelRepresentation == 1
+    assert dataset.PixelPaddingValue == PIXEL_PADDING_VALUE
+    assert dataset.BodyPartExamined == "HEART"
+    assert "ContrastBolusAgent" not in dataset
+    # Pixel (0, 0) is a corner, outside the reconstruction circle.
+    assert dataset.pixel_array[0, 0] == PIXEL_PADDING_VALUE
+    assert dataset.CalciumScoringMassFactorDevice[0] == pytest.approx(0.743, abs=1e-6)
+
+
+def test_generate_phantom_existing_series_raises(tmp_path: Path) -> None:
+    generate_phantom(tmp_path, 3, size=128, slices=2)
+
+    with pytest.raises(FileExistsError, match="already contains files"):
+        generate_phantom(tmp_path, 4, size=128, slices=2)
+
+
+def test_make_case_zero_calcium_scores_zero() -> None:
+    case = make_case(5, zero_calcium=True, **SMALL)
+    result = score_volume(case.to_volume(), case.labels)
+
+    assert not np.isin(case.labels, [1, 2, 3]).any()
+    for key in ("LAD", "LCX", "RCA", "total"):
+        assert result.agatston[key] == 0.0
+        assert result.volume_mm3[key] == 0.0
+        assert result.mass_mg[key] == 0.0
+    assert result.risk_category == "I"
+    assert result.cac_drs == "A0"
+    assert result.lesions == ()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_make_case_labels_only_at_calcium_threshold(seed: int) -> None:
+    case = make_case(seed, burden="severe", **SMALL)
+    labelled = case.labels > 0
+
+    assert labelled.sum() > 0
+    assert case.hu[labelled].min() >= CALCIUM_THRESHOLD_HU
+    assert case.labels.max() <= OTHER_CALCIUM
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_make_case_scribbles_avoid_other_artery_calcium(seed: int) -> None:
+    case = make_case(seed, burden="severe", size=256, slices=16)
+    coronary = (case.labels >= LAD) & (case.labels <= RCA)
+    regions_at_calcium = case.regions[coronary]
+
+    assert coronary.sum() > 0
+    # A coronary calcium voxel is either unlabelled or scribbled with its own artery.
+    allowed = (regions_at_calcium == REGION_UNLABELLED) | (regions_at_calcium == case.labels[coronary])
+    assert allowed.all()
+    assert not (regions_at_calcium == REGION_OTHER_CAR).any()
+
+
+def test_make_case_regions_use_documented_values() -> None:
+    case = make_case(2, burden="severe", size=256, slices=16)
+    values = set(np.unique(case.regions).tolist())
+
+    assert values <= {REGION_UNLABELLED, 1, 2, 3, REGION_OTHER_CAR}
+    assert REGION_OTHER_CAR in values
+    assert values & {1, 2, 3}
+    assert REGION_TRAINING_CLASSES == {1: 1, 2: 2, 3: 3, REGION_OTHER_CAR: 0}
+    # Padding is never annotated.
+    assert (case.regions[case.padding_mask] == REGION_UNLABELLED).all()
+
+
+def test_make_case_padding_outside_reconstruction_circle() -> None:
+    case = make_case(4, **SMALL)
+    circle_padding = reconstruction_circle_padding(128)
+
+    assert np.array_equal(case.padding_mask[0], circle_padding)
+    assert (case.hu[case.padding_mask] == PADDING_HU).all()
+    # Every slice is padded in its corners and not at its centre.
+    assert case.padding_mask[:, 0, 0].all()
+    assert not case.padding_mask[:, 64, 64].any()
+    inside = case.hu[~case.padding_mask]
+    assert inside.min() >= -1024.0
+    assert inside.max() <= 3071.0
+    assert np.array_equal(inside, np.rint(inside))
+
+
+def test_make_case_full_size_uses_clinical_spacing() -> None:
+    case = make_case(9, size=512, slices=2)
+
+    assert case.shape == (2, 512, 512)
+    assert 0.35 <= case.pixel_spacing[0] <= 0.8
+    assert case.pixel_spacing[0] == case.pixel_spacing[1]
+    assert case.slice_increment == 3.0
+
+
+def test_make_case_unknown_mode_raises() -> None:
+    with pytest.raises(ValueError, match="mode is 'ct'; expected one of patient, qrm"):
+        make_case(1, mode="ct")
+
+
+def test_make_case_slices_out_of_range_raises() -> None:
+    with pytest.raises(ValueError, match="slices is 0; expected 1–200"):
+        make_case(1, slices=0)
+
+
+def test_make_case_unknown_burden_raises() -> None:
+    with pytest.raises(ValueError, match="burden is 'huge'"):
+        make_case(1, burden="huge", **SMALL)
+
+
+def test_make_case_qrm_with_patient_option_raises() -> None:
+    with pytest.raises(ValueError, match="zero_calcium apply to the patient mode only"):
+        make_case(1, mode="qrm", zero_calcium=True)
+
+
+def _expected_threshold_volume(density: float, diameter: float, spacing: float) -> float:
+    """Threshold volume (mm³) of one insert under the phantom's noise-free partial-volume model.
+
+    Each insert starts on a slice boundary, so slice k contains min(3, L − 3k) mm
+    of it: fill 1 and 2/3 for the 5 mm insert, 1 for the 3 mm insert. A slice
+    counts when insert HU × fill ≥ 130. In-plane, a pixel's calcium fraction
+    falls linearly over one pixel across the edge, so the 130 HU threshold
+    sits at radius r + spacing × (0.5 − 130 / (HU × fill)).
+    """
+    volume = 0.0
+    remaining = diameter
+    while remaining > 0:
+        fill = min(remaining, 3.0) / 3.0
+        effective_hu = insert_hu(density) * fill
+        if effective_hu >= CALCIUM_THRESHOLD_HU:
+            radius = diameter / 2 + spacing * (0.5 - CALCIUM_THRESHOLD_HU / effective_hu)
+            volume += math.pi * radius ** 2 * 3.0
+        remaining -= 3.0
+    return volume
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_make_case_qrm_volumes_match_geometry(seed: int) -> None:
+    case = make_case(seed, mode="qrm", slices=12)
+    inserts = [i for i in case.extra_truth["inserts"] if i["diameter_mm"] >= 3.0]
+
+    assert len(inserts) == 6
+    for insert in inserts:
+        density, diameter = insert["density_mg_cm3"], insert["diameter_mm"]
+        geometric = math.pi * (diameter / 2) ** 2 * diameter
+        assert insert["true_volume_mm3"] == pytest.approx(geometric, abs=1e-3)
+        assert insert["true_mass_mg"] == pytest.approx(geometric * density / 1000, abs=1e-3)
+
+        # Tolerance 10 %: noise of 10–25 HU moves edge pixels across the
+        # threshold. A disc of radius 1.5 mm covers only about 28 pixels of
+        # 0.5 mm, so a few pixels more or less are 5–10 % of its area.
+        expected = _expected_threshold_volume(density, diameter, case.pixel_spacing[0])
+        assert insert["threshold_volume_mm3"] == pytest.approx(expected, rel=0.10), (density, diameter)
+
+        # Against the geometry: whole 3 mm slices and the widened edge can add up
+        # to 45 % (5 mm at 800 mg: 6 mm of slices × (1 + 0.4 pixel / 2.5 mm)²);
+        # the thinner edge of the 200 mg inserts can remove a few percent.
+        assert 0.9 * geometric <= insert["threshold_volume_mm3"] <= 1.45 * geometric, (density, diameter)
+
+        # Mass is conserved by partial-volume mixing as long as the voxels stay
+        # above 130 HU; the 200 mg inserts lose their faint edge (≤ 10 %).
+        tolerance = 0.10 if density == 200.0 else 0.05
+        assert insert["threshold_mass_mg"] == pytest.approx(insert["true_mass_mg"], rel=tolerance), (density, diameter)
+
+
+def test_make_case_qrm_labels_group_inserts_by_density() -> None:
+    case = make_case(0, mode="qrm", slices=12)
+    result = score_volume(case.to_volume(), case.labels)
+    inserts = case.extra_truth["inserts"]
+
+    for label, artery in ((1, "LAD"), (2, "LCX"), (3, "RCA")):
+        group = [i for i in inserts if i["label"] == label]
+        labelled_volume = float((case.labels == label).sum() * case.to_volume().voxel_volume_mm3)
+        assert labelled_volume == pytest.approx(sum(i["threshold_volume_mm3"] for i in group), abs=1e-3)
+        assert result.volume_mm3[artery] > 0
+    # The 800 mg group has three inserts (5, 3 and 1 mm); each 3D lesion is one insert.
+    assert len([lesion for lesion in result.lesions if lesion.artery == "RCA"]) == 3
