@@ -1,9 +1,9 @@
 """Identity of the node's derived objects: algorithm, UIDs, series numbers, patient and study.
 
 Every derived object (SEG, SR, summary image) carries the Patient and Study
-modules of the scored CT verbatim, the CT's Frame of Reference UID where the
-IOD has one, new UIDs under the node's UID root, and a series number and
-description that depend only on the source series and the object kind.
+modules of the scored CT verbatim and new UIDs under the node's UID root. The
+SEG also keeps the CT's Frame of Reference UID. Series numbers and
+descriptions depend only on the source series and the object kind.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ _SERIES_DESCRIPTION_LABELS: dict[str, str] = {
 
 _UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
-#: Longest UID root accepted: generate_uid appends at least 20 digits to the
-#: prefix and a UID has at most 64 characters (PS3.5 section 9).
+#: Longest UID root accepted, counting its trailing dot. generate_uid fills
+#: the rest of the 64 characters of a UID with random digits, so 40 leaves at
+#: least 24 of them (about 80 bits).
 MAX_UID_ROOT_LENGTH = 40
 
 

@@ -7,7 +7,7 @@ CT instance (and frame, for Enhanced CT) and carries that instance's
 ImagePositionPatient as its PlanePositionSequence.
 
 Empty frames are omitted (highdicom's omit_empty_frames=True): a calcium SEG
-of a 47-slice series then holds a few frames per segment instead of 47.
+of a 47-slice series then contains a few frames per segment instead of 47.
 Every frame still names its source instance and position, so viewers place
 it correctly, and ReferencedSeriesSequence lists every scored instance.
 """
@@ -59,7 +59,7 @@ def build_seg(
 ) -> hd.seg.Segmentation | None:
     """Build the calcium SEG: one segment per artery with calcium, in LAD, LCX, RCA order.
 
-    A segment holds the voxels labelled with the artery at or above the
+    A segment contains the voxels labelled with the artery at or above the
     result's threshold (`result.threshold_hu`). Arteries that the result
     scores as zero get no segment, and OTHER_CALCIUM (label 4) is never
     written. Segment numbers count from 1 over the arteries present, so
@@ -77,7 +77,7 @@ def build_seg(
         The SEG dataset, or None when no artery has calcium.
 
     Raises:
-        LabelError: `labels` does not match the volume's shape or holds
+        LabelError: `labels` does not match the volume's shape or contains
             values other than 0–4.
         ValueError: `uid_root` is invalid.
     """
@@ -140,7 +140,7 @@ def build_region_seg(
         The SEG dataset, or None when `regions` has no artery region.
 
     Raises:
-        LabelError: `regions` does not match the volume's shape or holds
+        LabelError: `regions` does not match the volume's shape or contains
             values other than 0–3.
         ValueError: `uid_root` is invalid.
     """
@@ -217,7 +217,7 @@ def check_label_volume(labels: np.ndarray, volume: CTVolume, *, name: str, max_l
     invalid = found[(found < 0) | (found > max_label)]
     if invalid.size:
         raise LabelError(
-            f"{name} holds values {invalid.tolist()}; expected only 0 to {max_label}"
+            f"{name} contains values {invalid.tolist()}; expected only 0 to {max_label}"
         )
 
 
@@ -246,7 +246,7 @@ def _build(
     """Build a BINARY SEG from masks of shape (slices, rows, columns, segments) in volume order."""
     # highdicom copies the pixel measures of the first source image and
     # rejects an empty SliceThickness (Type 1C in the Pixel Measures macro).
-    # Without a nominal thickness the measured slice increment stands in.
+    # Without a nominal thickness the measured slice increment is used instead.
     thickness = volume.slice_thickness if volume.slice_thickness else volume.slice_increment
     source_images, pixel_array = _source_images_and_frames(
         volume, stacked_masks.astype(np.uint8), slice_thickness=float(thickness)

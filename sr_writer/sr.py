@@ -6,14 +6,14 @@ Content tree (PS3.16 TID 1500), built with highdicom:
 - Device observer (TID 1004): the node, with algorithm name and version.
 - One TID 1411 Volumetric ROI group per artery with calcium. It references
   the artery's segment in the calcium SEG, has the finding site LAD, LCX or
-  RCA and finding SCT 18115005 "Pathologic calcification", and holds three
+  RCA and finding SCT 18115005 "Pathologic calcification", and contains three
   measurements: SCT 450360000 "Coronary artery calcium score" with method
   DCM 112055 "Agatston scoring method" (UCUM "1"), DCM 122660 "Calcium
   Volume" (mm3) and DCM 122661 "Calcium Mass" (mg).
 - One TID 1501 group per artery without calcium, with the same three
   measurements at zero.
 - One TID 1501 group for the whole study, with finding site "Coronary
-  artery". It holds the total scores, the Agatston score threshold
+  artery". It contains the total scores, the Agatston score threshold
   DCM 122657 (HU), the thickness normalisation factor, the mass calibration
   factor, and the qualitative evaluations: risk category, CAC-DRS grade and
   one item per protocol flag, in the private scheme 99CACS.
@@ -88,8 +88,8 @@ def build_sr(
 
     Raises:
         ValueError: the result lists calcium but `seg` is None or lacks the
-            artery's segment; `predecessor` is not an SR of this study; a
-            risk category, CAC-DRS grade or flag has no code.
+            artery's segment. Also when `predecessor` is not an SR of this
+            study, or when a risk category, CAC-DRS grade or flag has no code.
     """
     if result.series_instance_uid != volume.series_instance_uid:
         raise ValueError(

@@ -1,10 +1,10 @@
 """Summary image: an RGB Secondary Capture of the scores for PACS and viewers without SR or SEG.
 
-The page is drawn with matplotlib's Agg backend: patient and study line, a
+matplotlib's Agg backend draws the page. It shows the patient and study, a
 table of Agatston score, volume and mass per artery and in total, the risk
-category, CAC-DRS grade, protocol flags and scoring parameters, and the axial
-slices with the most scored calcium with a coloured overlay per artery (the
-SEG's colours). The page states that it is automatically generated and not
+category, CAC-DRS grade, protocol flags and scoring parameters. Below them are
+the axial slices with the most scored calcium, with a coloured overlay per
+artery in the SEG's colours. The page states that it is automatically generated and not
 verified, and the image carries BurnedInAnnotation YES because it shows the
 patient's name and ID.
 """
@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from scoring.result import ARTERIES, ARTERY_LABELS, OTHER_CALCIUM, ScoringResult
+from scoring.result import ARTERIES, OTHER_CALCIUM, ScoringResult
 from scoring.volume import CTVolume
 from sr_writer.identity import (
     AlgorithmIdentification,
@@ -100,8 +100,8 @@ def build_summary_image(
         ValueError: `uid_root` is invalid.
     """
     check_label_volume(labels, volume, name="CAC label volume", max_label=OTHER_CALCIUM)
-    shown = slices_with_most_calcium(volume, labels, result.threshold_hu)
-    pixels = render_summary(volume, labels, result, algorithm=algorithm, shown_slices=shown)
+    shown_slices = slices_with_most_calcium(volume, labels, result.threshold_hu)
+    pixels = render_summary(volume, labels, result, algorithm=algorithm, shown_slices=shown_slices)
 
     first_header = volume.headers[0]
     # The page has no patient orientation. highdicom requires one for the
@@ -135,14 +135,14 @@ def build_summary_image(
     image.SoftwareVersions = [algorithm.version, f"model {algorithm.model_version}"]
     image.DeviceSerialNumber = device_serial_number
     image.DerivationDescription = "Calcium score table and axial CT slices with calcium overlay"
-    if shown:
+    if shown_slices:
         # Type 3 sequence that must not be empty when present.
-        image.SourceImageSequence = [_source_reference(volume, index) for index in shown]
+        image.SourceImageSequence = [_source_reference(volume, index) for index in shown_slices]
     logger.info(
         "built summary image %s for series %s showing slice(s) %s",
         image.SOPInstanceUID,
         volume.series_instance_uid,
-        [int(index) for index in shown],
+        shown_slices,
     )
     return image
 
@@ -302,8 +302,8 @@ def _draw_slices(
         for spine in axes.spines.values():
             spine.set_color("#606070")
         axes.imshow(volume.hu[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
-        shown = np.where(volume.hu[index] >= threshold_hu, labels[index], 0)
-        axes.imshow(shown, cmap=overlay_colors, vmin=0, vmax=OTHER_CALCIUM, interpolation="nearest", aspect=aspect)
+        overlay = np.where(volume.hu[index] >= threshold_hu, labels[index], 0)
+        axes.imshow(overlay, cmap=overlay_colors, vmin=0, vmax=OTHER_CALCIUM, interpolation="nearest", aspect=aspect)
         axes.set_xlim(column_range[0] - 0.5, column_range[1] - 0.5)
         axes.set_ylim(row_range[1] - 0.5, row_range[0] - 0.5)
         if volume.frame_numbers is not None:

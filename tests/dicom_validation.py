@@ -40,7 +40,7 @@ def run_dciodvfy(path: str | Path) -> list[str]:
 def assert_dciodvfy_clean(path: str | Path, accepted: Iterable[str] = ACCEPTED_WARNINGS) -> list[str]:
     """Fail on any dciodvfy "Error" line or any warning outside `accepted`; return all warning lines.
 
-    `accepted` holds substrings of warnings that are allowed, by default the
+    `accepted` contains substrings of warnings that are allowed, by default the
     justified ACCEPTED_WARNINGS.
     """
     lines = run_dciodvfy(path)

@@ -3,7 +3,7 @@
 A case is built with scoring.ct_builder, loaded with scoring.series.load_series
 and scored with scoring.agatston.score_volume, so the writers see exactly what
 the node would give them. Lesions are squares of constant HU, so each test
-knows which voxel sits on which source instance and at which position.
+can tell which voxel sits on which source instance and at which position.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _frame_segment(seg, frame) -> int:
     return int(identification[0].ReferencedSegmentNumber)
 
 
-def test_build_seg_reversed_file_order_frames_on_source_instances(tmp_path):
+def test_build_seg_reversed_file_order(tmp_path):
     case = make_case(reverse_file_order=True, pixel_spacing=(0.4, 0.7))
     # The file order runs from z = 121 down to z = 100; load_series sorts to volume order.
     assert [float(ds.ImagePositionPatient[2]) for ds in case.datasets[:2]] == [121.0, 118.0]
@@ -160,7 +160,7 @@ def test_build_seg_other_calcium_never_written():
     seg = _build(case)
 
     assert segment_numbers(seg) == {"LAD": 1, "LCX": 2, "RCA": 3}
-    # The OTHER_CALCIUM block sits on slice 1, which holds no coronary calcium.
+    # The OTHER_CALCIUM block sits on slice 1, which has no coronary calcium.
     sources = {
         frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         for frame in seg.PerFrameFunctionalGroupsSequence
@@ -174,7 +174,7 @@ def test_build_seg_empty_slice_thickness_valid(tmp_path):
     seg = _build(case)
     path = _save(seg, tmp_path)
 
-    # The measured 3.0 mm increment stands in for the missing nominal thickness.
+    # The measured 3.0 mm increment replaces the missing nominal thickness.
     pixel_measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(pixel_measures.SliceThickness) == 3.0
     assert seg.StudyID == ""
@@ -219,7 +219,7 @@ def test_build_seg_label_value_invalid_raises():
     case = make_case()
     labels = case.labels.copy()
     labels[0, 0, 0] = 9
-    with pytest.raises(LabelError, match=r"holds values \[9\]; expected only 0 to 4"):
+    with pytest.raises(LabelError, match=r"contains values \[9\]; expected only 0 to 4"):
         build_seg(
             case.volume, labels, case.result, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL
         )
@@ -274,5 +274,5 @@ def test_build_region_seg_empty_returns_none():
 def test_build_region_seg_label_above_three_raises():
     case = make_case()
     regions = np.full(case.volume.shape, 4, dtype=np.uint8)
-    with pytest.raises(LabelError, match=r"coronary artery region map holds values \[4\]; expected only 0 to 3"):
+    with pytest.raises(LabelError, match=r"coronary artery region map contains values \[4\]; expected only 0 to 3"):
         build_region_seg(case.volume, regions, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL)
