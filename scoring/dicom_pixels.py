@@ -58,13 +58,13 @@ LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     }
 )
 
-#: When an instance declares no PixelPaddingValue, HU at or below this value
-#: are masked as padding. Some scanners fill the area outside the
-#: reconstruction circle with −2000, −2048 or −3024 HU without declaring it.
-#: No tissue or air is below −1024 HU apart from noise. NOTE: the margin to
-#: noise is an estimate from one 120 kVp scanner, whose darkest pixel inside
-#: the circle is −1312 HU.
-UNDECLARED_PADDING_MAX_HU = -2000.0
+#: HU at or below this value are masked as padding, in addition to the
+#: declared PixelPaddingValue range. Some scanners fill the area outside the
+#: reconstruction circle with −2000, −2048 or −3024 HU without declaring it,
+#: or declare a value that differs from the fill. No tissue or air is below
+#: −1024 HU apart from noise. NOTE: the margin to noise is an estimate from
+#: one 120 kVp scanner, whose darkest pixel inside the circle is −1312 HU.
+PADDING_MAX_HU = -2000.0
 
 #: (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data.
 _PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -208,16 +208,13 @@ def stored_to_hu(
 
     Padding is found on the stored values before the rescale, so no padding
     pixel ever carries a rescaled value. HU = stored × slope + intercept is
-    computed in float64 and then rounded to float32. Without declared padding,
-    HU ≤ UNDECLARED_PADDING_MAX_HU are masked. Padding pixels get PADDING_HU.
+    computed in float64 and then rounded to float32. HU ≤ PADDING_MAX_HU are
+    masked too, declared or not. Padding pixels get PADDING_HU.
     """
-    if padding is not None:
-        mask = (stored >= padding[0]) & (stored <= padding[1])
-    else:
-        mask = None
     hu = stored.astype(np.float64) * slope + intercept
-    if mask is None:
-        mask = hu <= UNDECLARED_PADDING_MAX_HU
+    mask = hu <= PADDING_MAX_HU
+    if padding is not None:
+        mask |= (stored >= padding[0]) & (stored <= padding[1])
     hu[mask] = PADDING_HU
     return hu.astype(np.float32), mask
 

@@ -347,6 +347,18 @@ def test_load_series_unsigned_pixels_padding_zero() -> None:
     assert float(volume.hu[0, 16, 16]) == 40.0
 
 
+def test_load_series_declared_padding_and_minus3024_both_masked() -> None:
+    # Declared padding is stored −2000 (HU −2000 with intercept 0); a −3024 HU fill is undeclared.
+    hu = blank_hu(slices=2)
+    hu[:, 0, 0] = -2000.0
+    hu[:, 0, 1] = -3024.0
+    hu[:, 0, 2] = -1999.0
+    volume = load_series(make_ct_datasets(hu, rescale_intercept=0.0, padding_value=-2000))
+    assert volume.padding_mask[0, 0, :3].tolist() == [True, True, False]
+    assert float(volume.hu[0, 0, 1]) == PADDING_HU
+    assert float(volume.hu[0, 0, 2]) == -1999.0
+
+
 def test_load_series_undeclared_padding_below_minus2000_masked() -> None:
     hu = blank_hu(slices=2)
     hu[:, 0, 0] = -2048.0
@@ -558,7 +570,7 @@ def test_load_series_qrm_scan_padding_masked(qrm_dicom_dir: Path) -> None:
     assert volume.flags == ()
     assert volume.pixel_spacing == (0.488, 0.488)
     # 2 933 337 voxels are stored as −2048 (counted with numpy over the 47 files).
-    # The scan declares no PixelPaddingValue, so the undeclared-padding rule masks them.
+    # The scan declares no PixelPaddingValue, so the HU ≤ −2000 rule masks them.
     assert int(volume.padding_mask.sum()) == 2_933_337
     assert float(volume.hu[~volume.padding_mask].min()) == -1312.0
     assert float(volume.hu.max()) == 1275.0
