@@ -101,8 +101,9 @@ class NodeServer:
         """
         if self._ae is not None:
             open_associations = list(self._ae.active_associations)
-            if open_associations:
-                logger.warning("stopping: aborting %d open association(s)", len(open_associations))
+            established = sum(1 for assoc in open_associations if assoc.is_established)
+            if established:
+                logger.warning("stopping: aborting %d established association(s)", established)
             # AE.shutdown stops the listening server and aborts the associations.
             self._ae.shutdown()
             for assoc in open_associations:

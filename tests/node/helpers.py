@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -30,6 +33,22 @@ NODE_AE = "CACS_NODE"
 VERIFICATION = "1.2.840.10008.1.1"
 #: Basic Text SR Storage, the SOP class of the stand-in SR the fake pipeline writes.
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def dcmtk_tool(name: str) -> str:
+    """Return the path of a DCMTK command-line tool, skipping the test when DCMTK is missing.
+
+    pynetdicom installs apps with the same names (storescu, echoscu) that can
+    come first on PATH, so /usr/bin is tried first and each candidate must
+    report a DCMTK version.
+    """
+    for candidate in (f"/usr/bin/{name}", shutil.which(name)):
+        if not candidate:
+            continue
+        version = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=False)
+        if "dcmtk" in version.stdout.lower():
+            return candidate
+    pytest.skip(f"DCMTK {name} not found; install the Debian package dcmtk (scripts/test.sh does)")
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from tests.node.helpers import (
     SCANNER_AE,
     FakePipeline,
     associate,
+    dcmtk_tool,
     make_settings,
     store_all,
     wait_for,
@@ -65,7 +66,7 @@ def _raw_file(path: Path, sop_class_in_meta: str, sop_instance: str, body: bytes
 
 def test_echoscu_node_returns_success(node: NodeServer) -> None:
     completed = subprocess.run(
-        ["echoscu", "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
+        [dcmtk_tool("echoscu"), "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port)],
         capture_output=True, text=True, timeout=30,
     )
     # echoscu exits 0 only when the C-ECHO response status is 0x0000.
@@ -128,7 +129,7 @@ def test_storescu_series_stored_byte_identical(node: NodeServer, tmp_path: Path)
     files = sorted((tmp_path / "series").glob("*.dcm"))
 
     completed = subprocess.run(
-        ["storescu", "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port), *map(str, files)],
+        [dcmtk_tool("storescu"), "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port), *map(str, files)],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -142,6 +143,43 @@ def test_storescu_series_stored_byte_identical(node: NodeServer, tmp_path: Path)
         # Pixel data is stored as received, never decoded and re-encoded.
         assert copy.PixelData == original.PixelData
         assert copy.SeriesInstanceUID == original.SeriesInstanceUID
+
+
+def _abdomen_with_uids(source: Path, target: Path) -> list[str]:
+    """Copy the JPEG 2000 abdominal slices, which lack UIDs, with fixed test UIDs; return their SOP Instance UIDs."""
+    target.mkdir()
+    uids = []
+    for index, path in enumerate(sorted(source.iterdir()), start=1):
+        dataset = pydicom.dcmread(path)
+        dataset.SOPClassUID = CT_IMAGE_STORAGE
+        dataset.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7701"
+        dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.7701.1"
+        dataset.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7701.1.{index}"
+        dataset.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.save_as(target / f"{index:03d}.dcm", enforce_file_format=True)
+        uids.append(str(dataset.SOPInstanceUID))
+    return uids
+
+
+def test_storescu_jpeg2000_series_stored_compressed(node: NodeServer, tmp_path: Path, abdomen_dicom_dir: Path) -> None:
+    uids = _abdomen_with_uids(abdomen_dicom_dir, tmp_path / "abdomen")
+
+    # -xv: propose JPEG 2000 lossless only, so the files go out as they are.
+    completed = subprocess.run(
+        [dcmtk_tool("storescu"), "-xv", "-aet", SCANNER_AE, "-aec", NODE_AE, "127.0.0.1", str(node.port),
+         *sorted(map(str, (tmp_path / "abdomen").iterdir()))],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert node.jobs is not None
+    records = node.jobs.series_instances("1.2.826.0.1.3680043.8.498.7701.1")
+    assert sorted(record.sop_instance_uid for record in records) == sorted(uids)
+    assert {record.transfer_syntax_uid for record in records} == {"1.2.840.10008.1.2.4.90"}
+    first = pydicom.dcmread(node.store.absolute(records[0].path))
+    # The stored copy decodes: pixel data arrived intact.
+    assert first.pixel_array.shape == (first.Rows, first.Columns)
 
 
 def test_store_rle_instance_kept_compressed(node: NodeServer) -> None:
