@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
@@ -53,8 +54,23 @@ def _tissue_hu(slices: int = 5, rows: int = 32, columns: int = 32, seed: int = 0
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
-def test_write_ct_series_default_options_pass_dciodvfy(tmp_path: Path) -> None:
-    paths = write_ct_series(make_ct_datasets(padding_value=TEST_PADDING_STORED, mass_calibration_factor=0.8), tmp_path)
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless],
+    ids=["explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"],
+)
+def test_write_ct_series_pass_dciodvfy(tmp_path: Path, transfer_syntax: str) -> None:
+    datasets = make_ct_datasets(
+        blank_hu(slices=2),
+        padding_mask=circle_padding_mask(2, 32, 32),
+        padding_value=TEST_PADDING_STORED,
+        mass_calibration_factor=0.8,
+        specific_character_set="ISO_IR 192",
+        patient_name="Müller^Jürgen",
+        contrast_bolus_agent="NONE",
+        transfer_syntax=transfer_syntax,
+    )
+    paths = write_ct_series(datasets, tmp_path)
     for path in paths:
         result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
