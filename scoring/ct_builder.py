@@ -365,7 +365,7 @@ def build_enhanced_ct_dataset(
         Tests use a permutation to check that readers sort by position.
     instance_uid: SOPInstanceUID of the multi-frame instance.
 
-    NOTE: the dataset carries the modules that readers of the frame geometry
+    TODO(#2): the dataset carries the modules that readers of the frame geometry
     need, not every module of the Enhanced CT IOD; dciodvfy reports the rest.
     """
     transfer_syntax = options.get("transfer_syntax", ExplicitVRLittleEndian)

@@ -32,7 +32,7 @@ NATIVE_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
 )
 
 #: Compressed transfer syntaxes that can only hold lossless pixel data.
-#: NOTE: the HTJ2K entries rely on pydicom's pylibjpeg decoder and no test covers them.
+#: TODO(#2): the HTJ2K entries rely on pydicom's pylibjpeg decoder and no test covers them.
 LOSSLESS_COMPRESSED_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     {
         "1.2.840.10008.1.2.5",  # RLE Lossless
