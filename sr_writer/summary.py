@@ -11,6 +11,7 @@ patient's name and ID.
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 
@@ -19,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties, findfont
+from matplotlib.ft2font import FT2Font
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
@@ -186,11 +189,11 @@ def render_summary(
 
 def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> None:
     figure.text(0.02, 0.965, "Coronary artery calcium score", color=_TEXT, fontsize=22, weight="bold", va="top")
-    patient = (
+    patient = _drawable(
         f"{_display_name(header.get('PatientName'))}   ID {header.get('PatientID') or '-'}   "
         f"born {_display_date(header.get('PatientBirthDate'))}   sex {header.get('PatientSex') or '-'}"
     )
-    study = (
+    study = _drawable(
         f"Study {_display_date(header.get('StudyDate'))}   accession {header.get('AccessionNumber') or '-'}   "
         f"series {header.get('SeriesNumber', '-')} {header.get('SeriesDescription', '')}"
     )
@@ -199,7 +202,7 @@ def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentifica
     figure.text(0.52, 0.965, "AUTOMATICALLY GENERATED, NOT VERIFIED", color=_WARNING, fontsize=16, weight="bold", va="top")
     figure.text(0.52, 0.925, "A physician must review these results before clinical use.", color=_WARNING, fontsize=12, va="top")
     software = textwrap.shorten(f"{algorithm.name} {algorithm.version}, model {algorithm.model_version}", width=70)
-    figure.text(0.52, 0.895, software, color=_WARNING, fontsize=12, va="top")
+    figure.text(0.52, 0.895, _drawable(software), color=_WARNING, fontsize=12, va="top")
 
 
 def _draw_score_table(figure: Figure, result: ScoringResult) -> None:
@@ -265,7 +268,7 @@ def _draw_findings(figure: Figure, result: ScoringResult) -> None:
     y = 0.84
     for text, size, weight in lines:
         color = _WARNING if text.startswith(("Protocol flags:", "• ", "  ")) and messages else _TEXT
-        figure.text(0.52, y, text, color=color, fontsize=size, weight=weight, va="top")
+        figure.text(0.52, y, _drawable(text), color=color, fontsize=size, weight=weight, va="top")
         y -= (size + 8) / PAGE_SIZE[1]
 
 
@@ -381,6 +384,22 @@ def _display_name(value: object) -> str:
     if family and given:
         return f"{family}, {given}"
     return family or given or str(value)
+
+
+@functools.lru_cache(maxsize=1)
+def _font_code_points() -> frozenset[int]:
+    """Code points of the font that matplotlib uses for the page's text by default."""
+    return frozenset(FT2Font(findfont(FontProperties())).get_charmap())
+
+
+def _drawable(text: str) -> str:
+    """Return `text` with characters missing from the page font replaced by "□".
+
+    matplotlib warns about each missing glyph with the character in the
+    message, which would put parts of a patient's name into the node's log.
+    """
+    available = _font_code_points()
+    return "".join(character if ord(character) in available else "□" for character in text)
 
 
 def _display_date(value: object) -> str:
