@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import Destination, NodeSettings
-from node.jobs import DONE, FAILED, REFUSED, SENDING, WRITING, Job, JobStore, series_fingerprint
-from node.pipeline import Pipeline
+from node.jobs import DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, Job, JobStore, series_fingerprint
+from node.pipeline import Pipeline, ScoredSeries
 from node.storage import InstanceStore
 from scoring.errors import SeriesError
 
@@ -142,10 +142,21 @@ class JobRunner:
             return
         logger.info("%s: scoring started", ids)
 
+        scored = self._score(job, ids)
+        if scored is None or self._stop.is_set():
+            return
+        if not self._write(job, scored, ids) or self._stop.is_set():
+            return
+
+        self.jobs.set_state(job.id, SENDING, "")
+        self._send(self.jobs.job(job.id), ids)
+
+    def _score(self, job: Job, ids: str) -> ScoredSeries | None:
+        """Score the series' current instances; return None when the job ended here."""
         conflict = self.jobs.series_conflict(job.series_instance_uid)
         if conflict:
             self._finish(job, REFUSED, conflict, ids)
-            return
+            return None
 
         instances = self.jobs.series_instances(job.series_instance_uid)
         fingerprint = series_fingerprint(instances)
@@ -154,8 +165,9 @@ class JobRunner:
         except Exception as error:
             logger.exception("%s: cannot load the model", ids)
             self._finish(job, FAILED, f"cannot load the model: {error}; check [scoring] model_path and device", ids)
-            return
+            return None
 
+        # At most one scoring per set of instances and model version, unless forced.
         if not job.force:
             earlier = self.jobs.find_scored(job.series_instance_uid, fingerprint, model_version)
             if earlier is not None and earlier.id != job.id:
@@ -166,28 +178,30 @@ class JobRunner:
                 self.jobs.set_state(job.id, DONE, reason, instance_count=len(instances), fingerprint=fingerprint,
                                     model_version=model_version, result=earlier.result)
                 logger.info("%s: %s", ids, reason)
-                return
+                return None
 
         self.jobs.set_state(
-            job.id, "scoring", "", instance_count=len(instances), fingerprint=fingerprint, model_version=model_version
+            job.id, SCORING, "", instance_count=len(instances), fingerprint=fingerprint, model_version=model_version
         )
         try:
             scored = self.pipeline.score([self.store.absolute(record.path) for record in instances])
         except SeriesError as error:
             self._finish(job, REFUSED, str(error), ids)
-            return
+            return None
         except Exception as error:
             logger.exception("%s: scoring failed", ids)
             self._finish(job, FAILED, f"scoring failed: {type(error).__name__}: {error}; see the node log", ids)
-            return
-        if self._stop.is_set():
-            return
+            return None
+
         total = scored.result.agatston.get("total")
         logger.info("%s: scored %d instance(s), total Agatston %s, risk category %s", ids, len(instances), total,
                     scored.result.risk_category)
         if self.settings.node.log_patient_identifiers:
             self._log_patient(scored, ids)
+        return scored
 
+    def _write(self, job: Job, scored: ScoredSeries, ids: str) -> bool:
+        """Write the outputs and record them; return False when the job failed here."""
         self.jobs.set_state(job.id, WRITING, "", result=scored.result.to_json(), model_version=scored.model_version)
         try:
             predecessor = self._predecessor_sr(job, ids)
@@ -200,13 +214,9 @@ class JobRunner:
         except Exception as error:
             logger.exception("%s: writing the outputs failed", ids)
             self._finish(job, FAILED, f"writing SEG/SR/summary failed: {type(error).__name__}: {error}", ids)
-            return
+            return False
         logger.info("%s: wrote %s", ids, ", ".join(f"{output.kind} {output.sop_instance_uid}" for output in written))
-        if self._stop.is_set():
-            return
-
-        self.jobs.set_state(job.id, SENDING, "")
-        self._send(self.jobs.job(job.id), ids)
+        return True
 
     @staticmethod
     def _log_patient(scored: Any, ids: str) -> None:

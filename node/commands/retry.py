@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from node.config import NodeSettings
+    from node.jobs import JobStore
+    from node.storage import InstanceStore
 
 HELP = "retry a failed or refused job; resolve a conflicting series with --keep-stored or --take-new"
 
@@ -40,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def retry_job(settings, job_id: int, *, force: bool = False, keep_stored: bool = False, take_new: bool = False) -> str:
+def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_stored: bool = False, take_new: bool = False) -> str:
     """Resolve a series conflict if asked, then put the job back for the node's worker.
 
     A job that failed while sending keeps its outputs and sends only what was
@@ -88,12 +94,12 @@ def retry_job(settings, job_id: int, *, force: bool = False, keep_stored: bool =
         jobs.close()
 
 
-def _outputs_present(store, jobs, job_id: int) -> bool:
+def _outputs_present(store: InstanceStore, jobs: JobStore, job_id: int) -> bool:
     outputs = jobs.outputs(job_id)
     return bool(outputs) and all(store.absolute(path).is_file() for path, _uid in outputs.values())
 
 
-def _resolve_conflict(store, jobs, series_uid: str, *, take_new: bool) -> str:
+def _resolve_conflict(store: InstanceStore, jobs: JobStore, series_uid: str, *, take_new: bool) -> str:
     from pydicom import dcmread
 
     conflicts = jobs.conflicts_of_series(series_uid)
