@@ -38,6 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help='where the model runs: "auto", "cpu", "cuda" or "cuda:N" (default auto)',
     )
     parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model checkpoint (default: the model shipped in scoring/models/)",
+    )
+    parser.add_argument(
         "--quiet-period",
         type=float,
         default=2.0,
@@ -52,7 +58,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from node.config import ConfigError
+
+    # pynetdicom logs every association step at INFO; the demo shows only its problems.
+    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
     if args.timeout <= 0 or args.quiet_period <= 0:
         print("cacs-node demo: --timeout and --quiet-period must be greater than 0 seconds", file=sys.stderr)
@@ -163,6 +175,7 @@ root = "{(work_dir / "node").as_posix()}"
 min_free_space_mb = 64
 
 [scoring]
+model_path = "{Path(args.model).resolve().as_posix() if args.model else ""}"
 device = "{args.device}"
 quiet_period_s = {float(args.quiet_period)}
 """
