@@ -55,8 +55,10 @@ from scoring.config import DEFAULT_MASS_CALIBRATION_FACTOR
 from scoring.phantom_anatomy import Anatomy, Grid, paint_ribs, paint_slice, render_template, rib_ring, sample_anatomy
 from scoring.phantom_calcium import (
     BURDEN_CLASSES,
+    Plaque,
     PlaqueFootprint,
     choose_burden,
+    clear_of_bone,
     label_plaque,
     paint_plaque,
     sample_coronary_plaques,
@@ -484,8 +486,12 @@ def make_case(
 
     # Calcium: distractors first, then the coronary plaques, kept apart from each other.
     chosen_burden = "zero" if zero_calcium else (burden or choose_burden(rng))
-    distractors = sample_extra_coronary_plaques(anatomy, chosen_burden, rng, (float(body_z[0]), float(body_z[-1])))
-    coronary = sample_coronary_plaques(anatomy, chosen_burden, rng, list(distractors))
+    def accept(plaque: Plaque) -> bool:
+        return clear_of_bone(volume, grid, plaque)
+
+    z_range = (float(body_z[0]), float(body_z[-1]))
+    distractors = sample_extra_coronary_plaques(anatomy, chosen_burden, rng, z_range, accept)
+    coronary = sample_coronary_plaques(anatomy, chosen_burden, rng, list(distractors), accept)
     footprints = [paint_plaque(volume, grid, plaque) for plaque in distractors + coronary]
 
     # Artifacts, noise, and the values the series stores.

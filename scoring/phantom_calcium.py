@@ -11,6 +11,7 @@ mixes a small dense object with the tissue around it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,9 +130,32 @@ def _fits(candidate: Plaque, placed: list[Plaque], clearance: float) -> bool:
     return True
 
 
+def clear_of_bone(volume: np.ndarray, grid: Grid, plaque: Plaque, margin_mm: float = 1.5) -> bool:
+    """Return True when the anatomy within `margin_mm` of the plaque stays below 130 HU.
+
+    A plaque that touched bone would make bone voxels part of its footprint,
+    and the labels would then call bone calcium; such placements are rejected.
+    """
+    reach = plaque.radius + margin_mm
+    box = grid.pixel_box(plaque.axis[:, 0].min() - reach, plaque.axis[:, 0].max() + reach,
+                         plaque.axis[:, 1].min() - reach, plaque.axis[:, 1].max() + reach)
+    if box is None:
+        return True
+    near = (grid.z >= plaque.axis[:, 2].min() - reach - grid.slice_thickness / 2) & (
+        grid.z <= plaque.axis[:, 2].max() + reach + grid.slice_thickness / 2)
+    if not near.any():
+        return True
+    return float(volume[near][(slice(None), *box)].max()) < CALCIUM_THRESHOLD_HU
+
+
 def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
-                            placed: list[Plaque]) -> list[Plaque]:
-    """Place the coronary plaques of one burden class along the centerlines."""
+                            placed: list[Plaque], accept: Callable[[Plaque], bool] = lambda plaque: True
+                            ) -> list[Plaque]:
+    """Place the coronary plaques of one burden class along the centerlines.
+
+    placed: plaques already in the volume, kept at least 2 mm away.
+    accept: extra placement test, for example `clear_of_bone` on the anatomy.
+    """
     spec = BURDEN_CLASSES[burden]
     count = int(rng.integers(spec.count[0], spec.count[1] + 1))
     segments = list(SEGMENT_WEIGHTS)
@@ -152,15 +176,19 @@ def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Genera
             candidate = Plaque(ARTERY_OF_SEGMENT[segment], segment,
                                _capsule_axis(line, centre_distance, length, offset),
                                float(radius), float(rng.uniform(*spec.peak_hu)))
-            if _fits(candidate, placed + plaques, clearance=2.0):
+            if _fits(candidate, placed + plaques, clearance=2.0) and accept(candidate):
                 plaques.append(candidate)
                 break
     return plaques
 
 
 def sample_extra_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
-                                  z_range: tuple[float, float]) -> list[Plaque]:
-    """Place non-coronary calcium (label 4): aortic wall, aortic valve and mitral annulus."""
+                                  z_range: tuple[float, float],
+                                  accept: Callable[[Plaque], bool] = lambda plaque: True) -> list[Plaque]:
+    """Place non-coronary calcium (label 4): aortic wall, aortic valve and mitral annulus.
+
+    accept: extra placement test, for example `clear_of_bone` on the anatomy.
+    """
     severity = list(BURDEN_CLASSES).index(burden) / (len(BURDEN_CLASSES) - 1)
     plaques: list[Plaque] = []
 
@@ -203,7 +231,7 @@ def sample_extra_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.
 
     kept: list[Plaque] = []
     for plaque in plaques:
-        if _fits(plaque, kept, clearance=2.0):
+        if _fits(plaque, kept, clearance=2.0) and accept(plaque):
             kept.append(plaque)
     return kept
 

@@ -14,6 +14,10 @@ giving 269, 538 and 1077 HU. The series carries the same factor in (0018,9352), 
 whose voxels are all above 130 HU the mass score mean HU × volume × factor
 returns density × volume, whatever the partial volume.
 
+Above the inserts, from 9 to 39 mm over their bottom, runs a 10 mm calibration
+rod of 200 mg HA/cm³, as in the real insert. It is labelled 4 (calcium that
+scoring ignores), so it never enters the scores.
+
 Every cylinder starts on a slice boundary, so the 3 mm cylinders fill one
 slice exactly, the 5 mm cylinders fill one slice and two thirds of the next,
 and the 1 mm cylinders fill a third of one slice. The label values group
@@ -26,6 +30,7 @@ import numpy as np
 from pydicom.uid import PYDICOM_ROOT_UID
 
 from scoring.config import CALCIUM_THRESHOLD_HU, DEFAULT_MASS_CALIBRATION_FACTOR
+from scoring.result import OTHER_CALCIUM
 
 #: mg HA per cm³ per HU of the calibration mode: the float32 value (0018,9352) stores.
 CALIBRATION_FACTOR = float(np.float32(DEFAULT_MASS_CALIBRATION_FACTOR))
@@ -38,6 +43,11 @@ INSERT_SIZES_MM = (5.0, 3.0, 1.0)
 
 #: Distance between neighbouring inserts in the 3 × 3 arrangement, in mm.
 INSERT_PITCH_MM = 15.0
+
+#: Calibration rod: density (mg HA/cm³), diameter (mm), and its z range above the inserts' bottom (mm).
+ROD_DENSITY = 200.0
+ROD_DIAMETER_MM = 10.0
+ROD_Z_RANGE_MM = (9.0, 39.0)
 
 WATER_HU = 0.0
 
@@ -114,6 +124,14 @@ def make_qrm_case(seed: int, *, size: int = 512, slices: int = 40, pixel_spacing
                 if fraction > 0:
                     blend(volume[index], (disc * fraction).astype(np.float32), insert_hu(density))
 
+    rod_centre = (0.0, -10.0 - 2.2 * INSERT_PITCH_MM)
+    rod_disc = _disc_fraction(grid.x, grid.y, rod_centre, ROD_DIAMETER_MM / 2, spacing)
+    rod_length = ROD_Z_RANGE_MM[1] - ROD_Z_RANGE_MM[0]
+    rod_overlaps = np.array([_z_overlap(float(s), SLICE_THICKNESS_MM, bottom + ROD_Z_RANGE_MM[0], rod_length)
+                             for s in z])
+    for index in np.nonzero(rod_overlaps)[0]:
+        blend(volume[index], (rod_disc * rod_overlaps[index]).astype(np.float32), insert_hu(ROD_DENSITY))
+
     sigma = float(noise_hu) if noise_hu is not None else float(rng.uniform(10, 25))
     _add_noise(volume, rng, sigma)
     padding_2d = reconstruction_circle_padding(size)
@@ -154,6 +172,10 @@ def make_qrm_case(seed: int, *, size: int = 512, slices: int = 40, pixel_spacing
             "threshold_mass_mg": round(mean_hu * measured_volume / 1000.0 * CALIBRATION_FACTOR, 4),
         })
 
+    rod_support = (_disc_fraction(grid.x, grid.y, rod_centre, ROD_DIAMETER_MM / 2 + spacing, spacing) > 0)
+    rod_voxels = rod_support[None] & (rod_overlaps > 0)[:, None, None] & (hu >= CALCIUM_THRESHOLD_HU)
+    labels[rod_voxels] = OTHER_CALCIUM
+
     positions = np.zeros((slices, 3))
     positions[:, 0], positions[:, 1] = first
     positions[:, 2] = first_table_z + SLICE_THICKNESS_MM * np.arange(slices)
@@ -166,7 +188,8 @@ def make_qrm_case(seed: int, *, size: int = 512, slices: int = 40, pixel_spacing
         "noise_hu": round(sigma, 2),
         "hu_range": list(HU_RANGE),
         "calibration_factor_mg_cm3_per_hu": CALIBRATION_FACTOR,
-        "label_meaning": {"1": "200 mg HA/cm3", "2": "400 mg HA/cm3", "3": "800 mg HA/cm3"},
+        "label_meaning": {"1": "200 mg HA/cm3", "2": "400 mg HA/cm3", "3": "800 mg HA/cm3",
+                          "4": "calibration rod, 200 mg HA/cm3"},
     }
     return PhantomCase(
         seed=int(seed),

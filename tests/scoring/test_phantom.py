@@ -22,6 +22,8 @@ from scoring.phantom import (
     make_case,
     reconstruction_circle_padding,
 )
+from scoring.phantom_anatomy import Grid
+from scoring.phantom_calcium import Plaque, clear_of_bone
 from scoring.phantom_qrm import insert_hu
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.series import load_series
@@ -269,3 +271,32 @@ def test_make_case_qrm_labels_group_inserts_by_density() -> None:
         assert result.volume_mm3[artery] > 0
     # The 800 mg group has three inserts (5, 3 and 1 mm); each 3D lesion is one insert.
     assert len([lesion for lesion in result.lesions if lesion.artery == "RCA"]) == 3
+
+
+def test_clear_of_bone_rejects_plaque_touching_bone() -> None:
+    grid = Grid(x=np.arange(40) * 0.5, y=np.arange(40) * 0.5, z=np.array([0.0, 3.0, 6.0]),
+                spacing=0.5, slice_thickness=3.0)
+    volume = np.full(grid.shape, 40.0, dtype=np.float32)
+    # Bone (700 HU) in columns 30–39, that is x ≥ 15 mm, on every slice.
+    volume[:, :, 30:] = 700.0
+    near_bone = Plaque(LAD, "LAD", np.array([[13.5, 10.0, 3.0]]), 1.0, 500.0)
+    far_from_bone = Plaque(LAD, "LAD", np.array([[5.0, 10.0, 3.0]]), 1.0, 500.0)
+
+    # 13.5 mm + 1 mm radius + 1.5 mm margin reaches 16 mm, inside the bone.
+    assert clear_of_bone(volume, grid, near_bone) is False
+    # 5 mm + 2.5 mm reaches 7.5 mm, far from x = 15 mm.
+    assert clear_of_bone(volume, grid, far_from_bone) is True
+
+
+def test_make_case_qrm_rod_labelled_other_calcium() -> None:
+    case = make_case(0, mode="qrm", slices=40, size=256)
+    rod = case.labels == OTHER_CALCIUM
+    result = score_volume(case.to_volume(), case.labels)
+
+    # The 10 mm rod spans 30 mm: ten slices, each with about 78.5 mm² of calcium.
+    assert rod.any(axis=(1, 2)).sum() == 10
+    assert case.hu[rod].min() >= CALCIUM_THRESHOLD_HU
+    assert case.description["label_meaning"]["4"] == "calibration rod, 200 mg HA/cm3"
+    # Label 4 never enters the scores: the total equals the three density groups.
+    assert result.volume_mm3["total"] == pytest.approx(
+        result.volume_mm3["LAD"] + result.volume_mm3["LCX"] + result.volume_mm3["RCA"])
