@@ -35,7 +35,7 @@ from scoring import checkpoint as checkpoint_module
 from scoring import losses
 from scoring import metrics
 from scoring.model import build_model, predict_labels, prepare_input
-from scoring.result import LAD, LCX, OTHER_CALCIUM, RCA
+from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,12 @@ class TrainingConfig:
             )
         if self.crop_size <= 0 or self.crop_size % 256:
             raise ValueError(f"crop size must be a positive multiple of 256, got {self.crop_size}")
+        if self.batch_size * (self.crop_size // 256) ** 2 < 2:
+            raise ValueError(
+                f"batch size {self.batch_size} with {self.crop_size}-pixel crops leaves one value "
+                "per channel at the 1 × 1 bottleneck, where batch norm cannot train; use a "
+                "batch size of at least 2"
+            )
         if not 0.0 <= self.calcium_fraction <= 1.0:
             raise ValueError(f"calcium fraction must lie in [0, 1], got {self.calcium_fraction}")
         for name in (
@@ -213,12 +219,12 @@ def phantom_cases(
 def phantom_region_mapping() -> dict[int, int]:
     """Annotation value → region class for the phantom's regions map.
 
-    The phantom writes 0 for unlabelled pixels, 1 LAD, 2 LCX, 3 RCA and
-    REGION_OTHER_CAR (5) for pixels annotated as outside every artery region.
+    The phantom writes 0 for unlabelled pixels, 1 LAD, 2 LCX, 3 RCA and 5 for
+    pixels annotated as outside every artery region (OTHER_CAR).
     """
-    from scoring.phantom_regions import REGION_OTHER_CAR
+    from scoring import phantom
 
-    return {LAD: 1, LCX: 2, RCA: 3, REGION_OTHER_CAR: 0}
+    return dict(phantom.REGION_TRAINING_CLASSES)
 
 
 #: Label-map file names looked for beside each series, in order of preference.

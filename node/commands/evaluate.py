@@ -1,0 +1,105 @@
+"""`cacs-node evaluate`: detection and agreement metrics of one or more models on annotated series."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from node.commands.train import parse_seeds
+
+HELP = (
+    "evaluate models on held-out phantom seeds or annotated series; prints the detection "
+    "table (volume, lesion, CAR and multiclass F1) and the risk agreement table"
+)
+
+logger = logging.getLogger(__name__)
+
+
+def parse_model(text: str) -> tuple[str, Path | None]:
+    """Parse "NAME=PATH", "PATH" (named after the file) or "default" (the shipped model)."""
+    if text == "default":
+        return "default", None
+    if "=" in text:
+        name, path = text.split("=", 1)
+        if not name or not path:
+            raise argparse.ArgumentTypeError(
+                f"invalid model {text!r}: expected NAME=PATH, PATH or default"
+            )
+        return name, Path(path)
+    return Path(text).stem, Path(text)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="models", type=parse_model, action="append",
+                        help="model to evaluate as NAME=PATH, PATH or default (the shipped "
+                             "model); repeat to compare models (default: default)")
+    parser.add_argument("--phantom-seeds", type=parse_seeds, default=None,
+                        help="held-out phantom seeds, e.g. 2000-2019 (default 2000-2019 unless "
+                             "--data)")
+    parser.add_argument("--phantom-slices", type=int, default=None,
+                        help="slices per phantom series (default: the phantom's own default)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder of annotated series: case folders holding dicom/ and labels.*")
+    parser.add_argument("--json", type=Path, default=None, dest="json_path",
+                        help="also write all metrics and per-scan scores to this JSON file")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="slices per forward pass (default 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from scoring import evaluation, metrics
+    from scoring.errors import LabelError, SeriesError
+    from scoring.inference import ModelError, load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    models = args.models or [("default", None)]
+    seeds = args.phantom_seeds
+    if seeds is None and args.data is None:
+        seeds = list(range(2000, 2020))
+
+    try:
+        cases = []
+        if seeds:
+            options = {} if args.phantom_slices is None else {"slices": args.phantom_slices}
+            cases += evaluation.phantom_evaluation_cases(seeds, **options)
+        if args.data is not None:
+            cases += evaluation.folder_evaluation_cases(args.data)
+    except (FileNotFoundError, SeriesError, LabelError) as error:
+        print(f"cacs-node evaluate: {error}", file=sys.stderr)
+        return 2
+
+    reports = {}
+    for name, path in models:
+        try:
+            loaded = load_model(path, args.device)
+        except ModelError as error:
+            print(f"cacs-node evaluate: model {name}: {error}", file=sys.stderr)
+            return 2
+        reports[name] = evaluation.evaluate_model(
+            name, loaded, cases, batch_size=args.batch_size
+        )
+
+    print(f"Detection on {len(cases)} series")
+    print(metrics.format_detection_table(list(reports.values())))
+    for report in reports.values():
+        print()
+        print(metrics.format_agreement_table(report))
+    if args.json_path is not None:
+        document = {
+            "series": [case.name for case in cases],
+            "models": metrics.summary_rows(reports),
+        }
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(document, indent=2))
+        print(f"\nwrote {args.json_path}")
+    return 0

@@ -1,0 +1,184 @@
+"""Tests of model loading, slice-batched segmentation, body cropping and MC dropout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scoring import checkpoint, inference, model
+from scoring.volume import CTVolume
+
+
+def _volume(hu: np.ndarray) -> CTVolume:
+    slices = hu.shape[0]
+    return CTVolume(
+        hu=hu.astype(np.float32),
+        padding_mask=np.zeros(hu.shape, dtype=bool),
+        origin=np.zeros(3),
+        row_direction=np.array([1.0, 0.0, 0.0]),
+        column_direction=np.array([0.0, 1.0, 0.0]),
+        slice_direction=np.array([0.0, 0.0, 1.0]),
+        pixel_spacing=(0.5, 0.5),
+        slice_increment=3.0,
+        slice_thickness=3.0,
+        kvp=120.0,
+        positions=np.array([[0.0, 0.0, 3.0 * index] for index in range(slices)]),
+        series_instance_uid="1.2.826.0.1.3680043.8.498.1",
+        study_instance_uid="1.2.826.0.1.3680043.8.498.2",
+        frame_of_reference_uid="1.2.826.0.1.3680043.8.498.3",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uids=tuple(f"1.2.826.0.1.3680043.8.498.4.{i}" for i in range(slices)),
+        headers=(),
+    )
+
+
+def _small_chest(slices: int = 2, size: int = 256) -> np.ndarray:
+    """Air around a soft-tissue disc with a bright spot: body box 128 × 128 pixels."""
+    hu = np.full((slices, size, size), -1000.0, dtype=np.float32)
+    rows, columns = np.mgrid[:size, :size]
+    body = (rows - size / 2) ** 2 + (columns - size / 2) ** 2 < (size / 4) ** 2
+    hu[:, body] = 40.0
+    hu[:, size // 2:size // 2 + 3, size // 2:size // 2 + 3] = 600.0
+    return hu
+
+
+@pytest.fixture(scope="module")
+def random_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained multi-task network with fixed random weights, saved as a checkpoint."""
+    torch.manual_seed(3)
+    network = model.MultiTaskUNet()
+    # Random batch-norm statistics, so that eval-mode outputs vary across pixels.
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    checkpoint.save_checkpoint(
+        path,
+        checkpoint.Checkpoint("mtl", network.state_dict(), {"model_name": "mtl-test"}),
+    )
+    return path
+
+
+def test_load_model_missing_file_raises_model_error(tmp_path: Path):
+    with pytest.raises(inference.ModelError, match="model checkpoint .*missing.pt not found"):
+        inference.load_model(tmp_path / "missing.pt", device="cpu")
+
+
+def test_load_model_altered_weights_fail_hash_check(tmp_path: Path, random_model_path: Path):
+    payload = torch.load(random_model_path, weights_only=True)
+    first_key = sorted(payload["state_dict"])[0]
+    payload["state_dict"][first_key] = payload["state_dict"][first_key] + 1.0
+    altered = tmp_path / "altered.pt"
+    torch.save(payload, altered)
+    with pytest.raises(inference.ModelError, match="do not match their stored SHA-256"):
+        inference.load_model(altered, device="cpu")
+
+
+def test_load_model_not_a_checkpoint_raises(tmp_path: Path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(inference.ModelError, match="is not a cacs-node checkpoint"):
+        inference.load_model(path, device="cpu")
+
+
+def test_load_model_cuda_without_device_raises(random_model_path: Path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present, so the request is valid")
+    with pytest.raises(inference.ModelError, match="torch finds no CUDA device"):
+        inference.load_model(random_model_path, device="cuda")
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path, random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    inputs = model.prepare_input(_small_chest(1))
+    with torch.inference_mode():
+        before = loaded.network(inputs)
+    copy = tmp_path / "copy.pt"
+    source = checkpoint.load_checkpoint(random_model_path)
+    checkpoint.save_checkpoint(copy, source)
+    reloaded = inference.load_model(copy, device="cpu")
+    with torch.inference_mode():
+        after = reloaded.network(inputs)
+    assert torch.equal(before[0], after[0])
+    assert torch.equal(before[1], after[1])
+    assert reloaded.model_version == loaded.model_version == "mtl-" + source.weights_sha256[:12]
+
+
+def test_body_window_small_body_gives_256_window():
+    # Body disc radius 64 px centred at 128 in a 256² image: box rows 65-191, one 256 window.
+    assert inference.body_window(_small_chest(1)) == (0, 0, 256, 256)
+
+
+def test_body_window_body_in_corner_stays_inside_image():
+    hu = np.full((1, 512, 512), -1000.0, dtype=np.float32)
+    hu[0, 400:450, 10:60] = 40.0
+    # 50-pixel box rounded up to 256, centred on rows 425 → 297..553, shifted back to 256..512.
+    assert inference.body_window(hu) == (256, 0, 256, 256)
+
+
+def test_body_window_without_body_covers_whole_image():
+    assert inference.body_window(np.full((1, 300, 512), -1000.0)) == (0, 0, 512, 512)
+
+
+def test_segment_volume_batches_give_same_labels(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    volume = _volume(_small_chest(3))
+    one_by_one = inference.segment_volume(volume, loaded, batch_size=1)
+    all_at_once = inference.segment_volume(volume, loaded, batch_size=3)
+    assert one_by_one.labels.shape == (3, 256, 256)
+    assert one_by_one.labels.dtype == np.uint8
+    assert one_by_one.regions.dtype == np.uint8
+    assert one_by_one.model_version == loaded.model_version
+    np.testing.assert_array_equal(one_by_one.labels, all_at_once.labels)
+    np.testing.assert_array_equal(one_by_one.regions, all_at_once.regions)
+
+
+def test_segment_volume_labels_only_on_candidates(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    hu = _small_chest(1)
+    segmentation = inference.segment_volume(_volume(hu), loaded)
+    assert not np.any(segmentation.labels[hu < 130.0])
+    assert set(np.unique(segmentation.labels)) <= {0, 1, 2, 3}
+
+
+def test_segment_volume_zero_batch_size_raises(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        inference.segment_volume(_volume(_small_chest(1)), loaded, batch_size=0)
+
+
+def test_mc_dropout_rate_zero_gives_zero_variance(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    maps = inference.mc_dropout_variance(_volume(_small_chest(1)), loaded, passes=3, rate=0.0)
+    assert float(maps.region_variance.max()) == 0.0
+    assert float(maps.lesion_variance.max()) == 0.0
+
+
+def test_mc_dropout_rate_one_percent_gives_positive_variance(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    volume = _volume(_small_chest(1))
+    maps = inference.mc_dropout_variance(volume, loaded, passes=3, rate=0.01, seed=1)
+    assert maps.region_variance.shape == volume.shape
+    assert float(maps.region_variance.max()) > 0.0
+    assert float(maps.lesion_variance.max()) > 0.0
+    # The same seed repeats the dropout masks.
+    again = inference.mc_dropout_variance(volume, loaded, passes=3, rate=0.01, seed=1)
+    np.testing.assert_array_equal(maps.lesion_variance, again.lesion_variance)
+
+
+def test_mc_dropout_restores_rates_and_modes(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    network = loaded.network
+    with inference.mc_dropout(network, 0.01):
+        dropouts = [m for m in network.modules() if isinstance(m, torch.nn.Dropout)]
+        assert all(m.p == 0.01 and m.training for m in dropouts)
+        norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert not any(m.training for m in norms)
+    rates = sorted({m.p for m in network.modules() if isinstance(m, torch.nn.Dropout)})
+    # Block dropouts are 0 and the bottleneck dropout is 0.5 again, all in eval mode.
+    assert rates == [0.0, 0.5]
+    assert not network.training
