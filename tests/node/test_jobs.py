@@ -423,3 +423,33 @@ def test_node_logs_omit_patient_identifiers(node: NodeServer, caplog: pytest.Log
     assert str(datasets[0].SeriesInstanceUID) in caplog.text
     assert "DOE" not in caplog.text
     assert "MRN-123456" not in caplog.text
+
+
+def test_start_registers_file_left_unregistered(settings: NodeSettings, pipeline: FakePipeline) -> None:
+    from node.storage import TEMPORARY_PREFIX, InstanceStore
+
+    # A stop between the rename and the database insert leaves a file the job store does not know.
+    datasets = make_ct_datasets(uid_seed="orphan")[:2]
+    store = InstanceStore(settings.storage.root, 0)
+    store.create_layout()
+    for dataset in datasets:
+        path = store.instance_path(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
+                                   str(dataset.SOPInstanceUID))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(path, enforce_file_format=True)
+    stale = path.parent / f"{TEMPORARY_PREFIX}x.tmp"
+    stale.write_bytes(b"partial")
+
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        assert server.wait_idle(20)
+        jobs = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+        # The registered digest equals the SCP's, so re-sending the same instance is a duplicate.
+        assert store_all(server.port, datasets[:1]) == [0x0000]
+        assert _jobs(server).series_conflict(str(datasets[0].SeriesInstanceUID)) == ""
+    finally:
+        server.stop()
+
+    assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 2)]
+    assert not stale.exists()

@@ -11,9 +11,11 @@ import pydicom
 import pynetdicom._config
 import pytest
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 
+from node.config import Peer
 from node.jobs import REFUSED
 from node.server import NodeServer
 from tests.factories import make_ct_datasets, make_series_dir
@@ -49,6 +51,15 @@ def _rejection(port: int, **options: str) -> tuple[int, int, int]:
         return int(primitive.result), int(primitive.result_source), int(primitive.diagnostic)
     finally:
         ae.shutdown()
+
+
+def _encoded_dataset(dataset: pydicom.Dataset) -> bytes:
+    """Encode a dataset in Explicit VR Little Endian without preamble and file meta."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()
 
 
 def _raw_file(path: Path, sop_class_in_meta: str, sop_instance: str, body: bytes) -> Path:
@@ -196,16 +207,18 @@ def test_store_rle_instance_kept_compressed(node: NodeServer) -> None:
     assert stored.PixelData == datasets[0].PixelData
 
 
-def test_store_sop_class_mismatch_returns_a900(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_sop_class_mismatch_returns_a900(
+    node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # The request (taken from the file meta) names CT Image Storage, the dataset Secondary Capture.
     dataset = make_ct_datasets(uid_seed="mismatch")[0]
     dataset.SOPClassUID = SECONDARY_CAPTURE
-    body = BytesIO()
-    dataset.save_as(body, implicit_vr=False, little_endian=True)
-    path = _raw_file(tmp_path / "mismatch.dcm", CT_IMAGE_STORAGE, str(dataset.SOPInstanceUID), body.getvalue())
+    path = _raw_file(tmp_path / "mismatch.dcm", CT_IMAGE_STORAGE, str(dataset.SOPInstanceUID), _encoded_dataset(dataset))
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
 
-    assert store_all(node.port, [path]) == [0xA900]
+    with caplog.at_level("ERROR", logger="node.scp"):
+        assert store_all(node.port, [path]) == [0xA900]
+    assert f"dataset SOP Class UID '{SECONDARY_CAPTURE}', request '{CT_IMAGE_STORAGE}'" in caplog.text
 
 
 def test_store_truncated_dataset_returns_c210(node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,3 +292,99 @@ def test_store_series_completes_after_quiet_period(node: NodeServer) -> None:
     assert node.jobs is not None
     wait_for(lambda: node.jobs.pending_series_count() == 0, 10, "series not completed after the quiet period")
     assert len(node.jobs.jobs_of_series(str(datasets[0].SeriesInstanceUID))) == 1
+
+
+def _node_with(tmp_path: Path, **options: object) -> NodeServer:
+    server = NodeServer(make_settings(tmp_path / "storage", **options), pipeline=FakePipeline())
+    server.start()
+    return server
+
+
+def test_associate_known_ae_other_host_rejected_1_1_3(tmp_path: Path) -> None:
+    # SCANNER is allowed only from 192.0.2.10 (a documentation address), the test connects from 127.0.0.1.
+    server = _node_with(tmp_path, peers=(Peer(SCANNER_AE, "192.0.2.10"),))
+    try:
+        assert _rejection(server.port) == (1, 1, 3)
+    finally:
+        server.stop()
+
+
+def test_associate_peer_host_name_resolved_accepted(tmp_path: Path) -> None:
+    server = _node_with(tmp_path, peers=(Peer(SCANNER_AE, "localhost"),))
+    try:
+        ae, assoc = associate(server.port)
+        established = assoc.is_established
+        if established:
+            assoc.release()
+        ae.shutdown()
+    finally:
+        server.stop()
+    assert established
+
+
+def test_associate_unknown_peer_accepted_when_allowed(tmp_path: Path) -> None:
+    server = _node_with(tmp_path, peers=(), accept_unknown_peers=True)
+    try:
+        statuses = store_all(server.port, make_ct_datasets(uid_seed="any-peer")[:1], calling="ANY_SCANNER")
+    finally:
+        server.stop()
+    assert statuses == [0x0000]
+
+
+def test_associate_enhanced_ct_and_verification_accepted(node: NodeServer) -> None:
+    contexts = [
+        ("1.2.840.10008.5.1.4.1.1.2.1", [ExplicitVRLittleEndian]),  # Enhanced CT Image Storage
+        ("1.2.840.10008.1.1", ["1.2.840.10008.1.2"]),  # Verification, Implicit VR Little Endian
+    ]
+    ae, assoc = associate(node.port, contexts=contexts)
+    try:
+        accepted = sorted(str(cx.abstract_syntax) for cx in assoc.accepted_contexts)
+        echo_status = int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+    assert accepted == ["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2.1"]
+    assert echo_status == 0x0000
+
+
+def test_store_resend_other_syntax_same_pixels_ignored(node: NodeServer) -> None:
+    explicit = make_ct_datasets(uid_seed="syntax")[:1]
+    rle = make_ct_datasets(uid_seed="syntax", transfer_syntax=RLELossless)[:1]
+
+    assert store_all(node.port, explicit) == [0x0000]
+    assert store_all(node.port, rle, contexts=[(CT_IMAGE_STORAGE, [RLELossless])]) == [0x0000]
+
+    # Same elements and same decoded pixels: a duplicate, not a conflict.
+    assert node.jobs is not None
+    assert node.jobs.series_conflict(str(explicit[0].SeriesInstanceUID)) == ""
+    assert node.jobs.find_instance(str(explicit[0].SOPInstanceUID)).transfer_syntax_uid == ExplicitVRLittleEndian
+
+
+def test_store_missing_series_uid_returns_a900(node: NodeServer) -> None:
+    dataset = make_ct_datasets(uid_seed="no-series")[0]
+    del dataset.SeriesInstanceUID
+
+    assert store_all(node.port, [dataset]) == [0xA900]
+
+
+def test_store_invalid_uid_returns_c211(node: NodeServer) -> None:
+    dataset = make_ct_datasets(uid_seed="bad-uid")[0]
+    dataset.SeriesInstanceUID = "1.2.3/../../etc"
+
+    assert store_all(node.port, [dataset]) == [0xC211]
+    assert node.jobs is not None
+    assert node.jobs.pending_series_count() == 0
+
+
+def test_store_instance_uid_differs_from_request_returns_c211(
+    node: NodeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dataset = make_ct_datasets(uid_seed="other-instance")[0]
+    # The file meta, and so the request, names another SOP Instance UID than the dataset.
+    path = _raw_file(tmp_path / "other.dcm", CT_IMAGE_STORAGE, "1.2.826.0.1.3680043.8.498.999", _encoded_dataset(dataset))
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    with caplog.at_level("ERROR", logger="node.scp"):
+        assert store_all(node.port, [path]) == [0xC211]
+    assert f"dataset SOP Instance UID {dataset.SOPInstanceUID}, request 1.2.826.0.1.3680043.8.498.999" in caplog.text
