@@ -129,6 +129,14 @@ class HeartShape:
         point = self.centre + self.long_axis * t * self.semi_axes[0] + profile * radial
         return point + outward_mm * radial / np.linalg.norm(radial)
 
+    def surface_coordinates(self, point: np.ndarray) -> tuple[float, float]:
+        """Return (t, angle) of `point`, the inverse of `surface_point` for its direction from the axis."""
+        offset = point - self.centre
+        t = float(np.dot(offset, self.long_axis) / self.semi_axes[0])
+        anterior = float(np.dot(offset, self.anterior) / self.semi_axes[1])
+        right = float(np.dot(offset, self.right) / self.semi_axes[2])
+        return t, float(np.arctan2(right, anterior))
+
     def signed_distance(self, x: np.ndarray, y: np.ndarray, z: float) -> np.ndarray:
         """Approximate signed distance in mm (negative inside) on a pixel grid at height z."""
         dx = x[None, :] - self.centre[0]
@@ -263,7 +271,13 @@ def _coronary_centerlines(heart: HeartShape, rng: np.random.Generator, scale: fl
     groove = _surface_path(heart, ts, angles, depth)
     descending = _surface_path(heart, np.linspace(av_groove, rng.uniform(0.2, 0.5), 20),
                                np.full(20, crux_angle), depth)
-    rca_points = np.concatenate((_polyline(np.array([right_ostium, rca_entry])), groove, descending))
+    # The ostial segment runs over the heart surface, not through the heart.
+    ostial = _polyline(np.array([right_ostium, rca_entry]))
+    for index, point in enumerate(ostial):
+        inside = heart.signed_distance(np.array([point[0]]), np.array([point[1]]), float(point[2]))[0, 0]
+        if inside < depth:
+            ostial[index] = heart.surface_point(*heart.surface_coordinates(point), depth)
+    rca_points = np.concatenate((_polyline(ostial), groove, descending))
 
     centerlines = {
         "LM": Centerline("LM", lm_points, _tapered(lm_points, 2.3 * scale, 2.1 * scale)),
@@ -290,6 +304,21 @@ def _lung_vessels(rng: np.random.Generator, anatomy_centre: np.ndarray, scale: f
             radius = rng.uniform(1.5, 4.0)
             vessels.append(Centerline("lung", points, _tapered(points, radius, 0.6)))
     return tuple(vessels)
+
+
+def _clear_of_coronaries(points: np.ndarray, radius: float, coronary_points: np.ndarray,
+                         direction: np.ndarray, clearance: float = 4.0) -> np.ndarray:
+    """Shift a great vessel along `direction` in 2 mm steps until the coronaries run outside it.
+
+    A coronary artery inside the pulmonary trunk or the vena cava would vanish
+    into its blood, and its plaques would sit in the vessel's lumen.
+    """
+    for _ in range(30):
+        distances = np.linalg.norm(points[:, None, :] - coronary_points[None, :, :], axis=2)
+        if distances.min() >= radius + clearance:
+            break
+        points = points + 2.0 * direction
+    return points
 
 
 def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> Anatomy:
@@ -336,10 +365,15 @@ def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> An
     top = z_range[1] + 20
     ascending = _polyline(np.array([aortic_root, aortic_root + [-8 * scale, 2, 0.5 * (top - aortic_root[2])],
                                     [aortic_root[0] - 12 * scale, aortic_root[1] + 4, top]]))
+    coronary_points = np.concatenate([line.points for line in centerlines.values()])
     trunk_start = aortic_root + np.array([22, -18, 0]) * scale
-    pulmonary = _polyline(np.array([trunk_start, trunk_start + np.array([12, 15, 35]) * scale]))
+    pulmonary = _clear_of_coronaries(
+        _polyline(np.array([trunk_start, trunk_start + np.array([12, 15, 35]) * scale])),
+        13.0 * scale, coronary_points, np.array([0.0, -1.0, 0.0]))
     vena_cava_start = aortic_root + np.array([-32, 8, 5]) * scale
-    vena_cava = _polyline(np.array([vena_cava_start, [vena_cava_start[0], vena_cava_start[1], top]]))
+    vena_cava = _clear_of_coronaries(
+        _polyline(np.array([vena_cava_start, [vena_cava_start[0], vena_cava_start[1], top]])),
+        9.0 * scale, coronary_points, np.array([-1.0, 0.0, 0.0]))
     great_vessels = {
         "ascending_aorta": Centerline("ascending_aorta", ascending, np.full(len(ascending), aortic_radius)),
         "pulmonary_trunk": Centerline("pulmonary_trunk", pulmonary, np.full(len(pulmonary), 13.0 * scale)),
@@ -641,6 +675,10 @@ def paint_slice(image: np.ndarray, anatomy: Anatomy, grid: Grid, z: float) -> No
         _paint_tube(image, grid, z, vessel, hu["fat"], half_slab, extra_radius=3.0, only_below=-200.0)
     for vessel in anatomy.great_vessels.values():
         _paint_tube(image, grid, z, vessel, hu["blood"], half_slab)
+    # Fat around every coronary, so the left main and the ostia near the aortic
+    # root also run in fat where the egg-shaped heart would cover them.
+    for vessel in anatomy.centerlines.values():
+        _paint_tube(image, grid, z, vessel, hu["fat"], half_slab, extra_radius=2.5)
     for vessel in anatomy.centerlines.values():
         _paint_tube(image, grid, z, vessel, hu["blood"], half_slab)
 

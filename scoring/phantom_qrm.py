@@ -1,8 +1,8 @@
 """QRM-style calibration mode of the digital phantom: hydroxyapatite cylinders in a water-like body.
 
-Modelled on a QRM thorax phantom with its Cardiac Calcification Insert as a
-Canon Aquilion ONE scans it at 120 kVp (public data of MolloiLab,
-CAC-stanford-data): an oval thorax of soft-tissue equivalent material with
+The model is a QRM thorax phantom with its Cardiac Calcification Insert, as
+a Canon Aquilion ONE scans it at 120 kVp (public data of MolloiLab,
+CAC-stanford-data). An oval thorax of soft-tissue equivalent material has
 lung foam on both sides and a bone-equivalent spine. A 100 mm
 water-equivalent cylinder in the middle contains nine calcium cylinders. Each cylinder is 1, 3 or 5 mm in both diameter and length,
 at 200, 400 or 800 mg HA/cm³, with its axis along z.
