@@ -174,7 +174,11 @@ class PhantomCase:
         return tuple(self._uid(f"instance-{index}") for index in range(self.shape[0]))
 
     def to_volume(self, headers: tuple[Dataset, ...] = ()) -> CTVolume:
-        """Return the case as the CTVolume that `load_series` builds from its written series."""
+        """Return the case as the CTVolume that `load_series` builds from its written series.
+
+        headers: empty by default. Writers that copy the Patient and Study
+        modules need the datasets of `build_datasets` without PixelData.
+        """
         return CTVolume(
             hu=self.hu,
             padding_mask=self.padding_mask,
@@ -367,6 +371,9 @@ def _apply_metal(volume: np.ndarray, grid: Grid, anatomy: Anatomy, rng: np.rando
 
 def _add_noise(volume: np.ndarray, rng: np.random.Generator, sigma: float) -> None:
     """Add correlated Gaussian noise with standard deviation `sigma` HU, in place.
+
+    TODO(#2): the noise is stationary, while real low-dose CT noise grows behind
+    strongly attenuating paths (shoulders, spine) and streaks along them.
 
     White noise is smoothed in-plane by the separable kernel [0.5, 1, 0.5] on
     rows and on columns, which gives CT-like fine-grained texture. Each pass
