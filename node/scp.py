@@ -27,6 +27,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -173,22 +174,12 @@ class StorageSCP:
     settings: the node settings (AE title, peers, limits, timeouts).
     store: the folders under the storage root.
     jobs: the job store in which each new instance restarts its series' quiet period.
-    on_instance: called with the SeriesInstanceUID after each new instance, on
-        the association's thread; it must return quickly.
     """
 
-    def __init__(
-        self,
-        settings: NodeSettings,
-        store: InstanceStore,
-        jobs: JobStore,
-        *,
-        on_instance: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: NodeSettings, store: InstanceStore, jobs: JobStore) -> None:
         self.settings = settings
         self.store = store
         self.jobs = jobs
-        self.on_instance = on_instance
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._counts_lock = threading.Lock()
         self._counts: dict[int, dict[str, int]] = {}
@@ -302,10 +293,14 @@ class StorageSCP:
         caller = caller_of(event.assoc)
         try:
             status, outcome = self._store(event, caller)
+        except sqlite3.Error as error:
+            # A locked or failing job database is a local resource problem: the sender may retry later.
+            logger.error("C-STORE from %s: response status 0xA700, job database error: %s", caller, error)
+            status, outcome = _failure(STATUS_OUT_OF_RESOURCES, "node job database unavailable"), "failed"
         except Exception:
-            # Unexpected errors must still produce a status, not an abort;
-            # the traceback goes to the log.
-            logger.exception("C-STORE from %s failed unexpectedly", caller)
+            # A bug must still produce a response rather than an abort. 0xA700
+            # lets the sender retry once the node is fixed; the traceback goes to the log.
+            logger.exception("C-STORE from %s: response status 0xA700 after an unexpected error", caller)
             status, outcome = _failure(STATUS_OUT_OF_RESOURCES, "internal error while storing; see node log"), "failed"
         self._count(event, outcome)
         return status
@@ -455,8 +450,6 @@ class StorageSCP:
             return _failure(STATUS_OUT_OF_RESOURCES, "node cannot register the instance"), "write-failed"
 
         logger.debug("stored %s (%d bytes, %s)", ids, len(file_bytes), transfer_syntax)
-        if self.on_instance is not None:
-            self.on_instance(series_uid)
         return STATUS_SUCCESS, f"series {series_uid}"
 
     def _file_conflict(
@@ -490,8 +483,6 @@ class StorageSCP:
         logger.warning(
             "instance re-sent with different content; series held as conflicting until an operator acts: %s", ids
         )
-        if self.on_instance is not None:
-            self.on_instance(series_uid)
         return STATUS_SUCCESS, "conflict"
 
     def _same_content(self, existing: InstanceRecord, file_bytes: bytes) -> bool:
