@@ -12,6 +12,9 @@ writes it for the node and its tests:
 
 Everything is drawn from `numpy.random.default_rng(seed)`, so a seed gives
 identical arrays, identical DICOM UIDs and an identical truth.json.
+NOTE: that holds for one numpy version on one platform. Another numpy build
+may round a transcendental function differently in the last bit, which can
+move an edge voxel across a whole HU.
 
 CAC label values (labels.nrrd), as in `scoring.result`: 0 background, 1 LAD
 (including the left main), 2 LCX, 3 RCA, 4 non-coronary calcium (aortic wall,
@@ -414,8 +417,10 @@ def _resolve_toggle(value: bool | None, rng: np.random.Generator, probability: f
     return draw if value is None else bool(value)
 
 
-def _check_options(size: int, slices: int, pixel_spacing: float | None, noise_hu: float | None,
+def _check_options(seed: int, size: int, slices: int, pixel_spacing: float | None, noise_hu: float | None,
                    burden: str | None) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed is {seed!r}; expected a non-negative integer")
     if not 64 <= size <= 1024:
         raise ValueError(f"size is {size}; expected 64–1024 pixels per side (512 for a clinical series)")
     if not 1 <= slices <= 200:
@@ -465,7 +470,7 @@ def make_case(
         raise ValueError(f"mode is {mode!r}; expected one of {', '.join(MODES)}")
     if slices is None:
         slices = DEFAULT_QRM_SLICES if mode == "qrm" else DEFAULT_SLICES
-    _check_options(size, slices, pixel_spacing, noise_hu, burden)
+    _check_options(seed, size, slices, pixel_spacing, noise_hu, burden)
     if mode == "qrm":
         patient_options = {"burden": burden, "zero_calcium": zero_calcium or None, "metal": metal, "motion": motion}
         given = [name for name, value in patient_options.items() if value is not None]

@@ -350,7 +350,7 @@ def sample_anatomy(rng: np.random.Generator, z_range: tuple[float, float]) -> An
         long_axis=long_axis,
         anterior=anterior,
         right=right,
-        semi_axes=(rng.uniform(56, 65) * scale, rng.uniform(44, 50) * scale, rng.uniform(48, 56) * scale),
+        semi_axes=(rng.uniform(56, 65) * scale, rng.uniform(46, 53) * scale, rng.uniform(53, 62) * scale),
         base_widening=rng.uniform(0.1, 0.25),
     )
     left_ventricle = HeartShape(

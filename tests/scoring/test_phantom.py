@@ -199,6 +199,11 @@ def test_make_case_slices_out_of_range_raises() -> None:
         make_case(1, slices=0)
 
 
+def test_make_case_negative_seed_raises() -> None:
+    with pytest.raises(ValueError, match="seed is -1; expected a non-negative integer"):
+        make_case(-1, **SMALL)
+
+
 def test_make_case_unknown_burden_raises() -> None:
     with pytest.raises(ValueError, match="burden is 'huge'"):
         make_case(1, burden="huge", **SMALL)
