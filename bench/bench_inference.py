@@ -35,7 +35,7 @@ def _seeds(text: str) -> list[int]:
     return parse_seeds(text)
 
 
-def _onnx_segment(loaded, volume, batch_size: int, threads: int, cache: dict) -> np.ndarray:
+def _onnx_segment(plain, volume, batch_size: int, threads: int, cache: dict) -> np.ndarray:
     """Segment with ONNX Runtime: the network exported once with dynamic batch and size axes."""
     import onnxruntime
 
@@ -44,7 +44,7 @@ def _onnx_segment(loaded, volume, batch_size: int, threads: int, cache: dict) ->
 
     if "session" not in cache:
         path = Path(cache["folder"]) / "network.onnx"
-        network = loaded.network.to(memory_format=torch.contiguous_format).eval()
+        network = plain.network
         example = torch.zeros(1, 2, 256, 256)
         torch.onnx.export(
             network, (example,), str(path), input_names=["input"],
@@ -89,6 +89,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, "cpu")
+    plain = load_model(args.model, "cpu", channels_last=False)
     print(f"model {loaded.model_version}, torch {torch.__version__}, {args.threads} threads")
 
     variants = {
@@ -105,15 +106,16 @@ def main() -> int:
             results = {}
             for name, settings in variants.items():
                 # Warm-up on one slice, so that one-off allocation is not timed.
-                segment_volume(_first_slices(volume, 1), loaded, **settings)
+                model = loaded if settings["channels_last"] else plain
+                segment_volume(_first_slices(volume, 1), model, **settings)
                 started = time.perf_counter()
-                segmentation = segment_volume(volume, loaded, **settings)
+                segmentation = segment_volume(volume, model, **settings)
                 seconds = time.perf_counter() - started
                 results[name] = (seconds, segmentation.labels)
             if not args.no_onnx:
-                _onnx_segment(loaded, _first_slices(volume, 1), 4, args.threads, onnx_cache)
+                _onnx_segment(plain, _first_slices(volume, 1), 4, args.threads, onnx_cache)
                 started = time.perf_counter()
-                labels = _onnx_segment(loaded, volume, 4, args.threads, onnx_cache)
+                labels = _onnx_segment(plain, volume, 4, args.threads, onnx_cache)
                 results["onnx"] = (time.perf_counter() - started, labels)
 
             baseline_seconds, baseline_labels = results["baseline"]

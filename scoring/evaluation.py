@@ -31,15 +31,14 @@ class EvaluationCase:
 
 
 def phantom_evaluation_cases(seeds: Iterable[int], **options) -> list[EvaluationCase]:
-    """Generate phantom series in memory and load them as the node would (`load_series`)."""
+    """Generate phantom series in memory, as the CTVolume `load_series` gives for their files."""
     from scoring import phantom
-    from scoring.series import load_series
     from scoring.training import phantom_region_mapping, region_target_from_annotation
 
     cases = []
     for seed in seeds:
         case = phantom.make_case(int(seed), **options)
-        volume = load_series(list(case.datasets))
+        volume = case.to_volume()
         regions = region_target_from_annotation(case.regions, phantom_region_mapping())
         cases.append(EvaluationCase(f"phantom-{seed}", volume, np.asarray(case.labels), regions))
     return cases

@@ -182,3 +182,46 @@ def test_mc_dropout_restores_rates_and_modes(random_model_path: Path):
     # Block dropouts are 0 and the bottleneck dropout is 0.5 again, all in eval mode.
     assert rates == [0.0, 0.5]
     assert not network.training
+
+
+def test_score_command_without_labels_runs_the_model(
+    tmp_path: Path, random_model_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import json
+
+    from node.cli import main
+    from scoring import phantom
+    from scoring.agatston import score_volume
+    from scoring.series import load_series
+
+    case = phantom.generate_phantom(tmp_path / "case", 11, size=256, slices=3)
+    exit_code = main([
+        "score", str(tmp_path / "case" / "dicom"),
+        "--model", str(random_model_path), "--device", "cpu", "--json",
+    ])
+    assert exit_code == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["series_instance_uid"] == case.series_instance_uid
+
+    # The command must give what the API gives for the same series and model.
+    volume = load_series(tmp_path / "case" / "dicom")
+    loaded = inference.load_model(random_model_path, device="cpu")
+    expected = score_volume(volume, inference.segment_volume(volume, loaded).labels)
+    assert document["agatston"]["total"] == pytest.approx(expected.agatston["total"])
+    assert document["risk_category"] == expected.risk_category
+
+
+def test_score_command_missing_model_exits_with_model_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from node.cli import main
+    from scoring import phantom
+
+    phantom.generate_phantom(tmp_path / "case", 12, size=256, slices=2)
+    exit_code = main([
+        "score", str(tmp_path / "case" / "dicom"),
+        "--model", str(tmp_path / "missing.pt"), "--device", "cpu",
+    ])
+    # node/commands/score.py maps a model failure to exit code 3.
+    assert exit_code == 3
+    assert "missing.pt not found" in capsys.readouterr().err
