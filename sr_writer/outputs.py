@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from scoring.config import ScoringParameters
 from scoring.result import ScoringResult
 from scoring.volume import CTVolume
 from sr_writer.identity import AlgorithmIdentification, normalize_uid_root
@@ -57,6 +58,7 @@ def write_outputs(
     regions: np.ndarray | None = None,
     predecessor: Dataset | None = None,
     device_serial_number: str | None = None,
+    parameters: ScoringParameters | None = None,
 ) -> DerivedObjects:
     """Build the SEG(s), SR and summary image of a scoring result and write them as files.
 
@@ -77,6 +79,9 @@ def write_outputs(
             the new SR's Predecessor Documents Sequence.
         device_serial_number: Device Serial Number written into the objects;
             defaults to the UID root, which identifies the installation.
+        parameters: the scoring parameters of `result` (default
+            ScoringParameters()). The SEG and the summary overlay show the
+            voxels they scored, so pass the parameters the node scored with.
 
     Returns:
         The datasets and the paths written.
@@ -84,16 +89,16 @@ def write_outputs(
     Raises:
         LabelError: `labels` or `regions` does not match the volume.
         ValueError: invalid `uid_root`, a result that disagrees with the
-            labels, or a predecessor from another study.
+            labels or parameters, or a predecessor from another study.
         OSError: the output folder cannot be written.
     """
     serial = device_serial_number or normalize_uid_root(uid_root).rstrip(".")
     common = {"algorithm": algorithm, "uid_root": uid_root, "device_serial_number": serial}
 
-    seg = build_seg(volume, labels, result, **common)
+    seg = build_seg(volume, labels, result, parameters=parameters, **common)
     region_seg = build_region_seg(volume, regions, **common) if regions is not None else None
     sr = build_sr(volume, result, seg, predecessor=predecessor, **common)
-    summary = build_summary_image(volume, labels, result, **common)
+    summary = build_summary_image(volume, labels, result, parameters=parameters, **common)
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,10 @@ import logging
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
+from scoring.agatston import IN_PLANE_8_CONNECTIVITY, SIZE_TOLERANCE
+from scoring.config import ScoringParameters
 from scoring.errors import LabelError
 from scoring.result import ARTERIES, ARTERY_LABELS, OTHER_CALCIUM, ScoringResult
 from scoring.volume import CTVolume
@@ -56,14 +59,16 @@ def build_seg(
     algorithm: AlgorithmIdentification,
     uid_root: str,
     device_serial_number: str,
+    parameters: ScoringParameters | None = None,
 ) -> hd.seg.Segmentation | None:
     """Build the calcium SEG: one segment per artery with calcium, in LAD, LCX, RCA order.
 
-    A segment contains the voxels labelled with the artery at or above the
-    result's threshold (`result.threshold_hu`). Arteries that the result
-    scores as zero get no segment, and OTHER_CALCIUM (label 4) is never
-    written. Segment numbers count from 1 over the arteries present, so
-    `segment_numbers(seg)` maps them back to artery names.
+    A segment contains exactly the voxels that scored its artery (see
+    `scored_labels`), so its voxel count × voxel volume is the artery's
+    volume score. Arteries that the result scores as zero get no segment,
+    and OTHER_CALCIUM (label 4) is never written. Segment numbers count from
+    1 over the arteries present, so `segment_numbers(seg)` maps them back to
+    artery names.
 
     Args:
         volume: the scored CT series.
@@ -72,27 +77,33 @@ def build_seg(
         algorithm: name and versions written as algorithm identification.
         uid_root: UID root for the new series and instance UIDs.
         device_serial_number: Device Serial Number of the node.
+        parameters: the scoring parameters of `result`; default
+            ScoringParameters(). Their minimum lesion area decides which
+            voxels were scored.
 
     Returns:
         The SEG dataset, or None when no artery has calcium.
 
     Raises:
         LabelError: `labels` does not match the volume's shape or contains
-            values other than 0–4.
-        ValueError: `uid_root` is invalid.
+            values other than 0–4, or has no scored voxel of an artery that
+            the result gives calcium.
+        ValueError: `uid_root` is invalid, or `parameters` has another
+            threshold than `result`.
     """
     check_label_volume(labels, volume, name="CAC label volume", max_label=OTHER_CALCIUM)
-    calcium = volume.hu >= result.threshold_hu
+    scored = scored_labels(volume, labels, result, parameters)
     masks: list[np.ndarray] = []
     descriptions: list[hd.seg.SegmentDescription] = []
     for artery in result.arteries_with_calcium:
-        mask = (labels == ARTERY_LABELS[artery]) & calcium
+        mask = scored == ARTERY_LABELS[artery]
         if not mask.any():
             raise LabelError(
                 f"series {volume.series_instance_uid}: the scoring result gives {artery} "
-                f"calcium but the label volume has no {artery} voxel at or above "
+                f"calcium but the label volume has no scored {artery} voxel at or above "
                 f"{result.threshold_hu:g} HU; pass the label volume that was scored"
             )
+        _check_volume_score(volume, artery, mask, result)
         masks.append(mask)
         descriptions.append(
             hd.seg.SegmentDescription(
@@ -192,6 +203,71 @@ def segment_numbers(seg: Dataset) -> dict[str, int]:
         if artery in ARTERY_LABELS:
             numbers[artery] = int(item.SegmentNumber)
     return numbers
+
+
+def scored_labels(
+    volume: CTVolume,
+    labels: np.ndarray,
+    result: ScoringResult,
+    parameters: ScoringParameters | None = None,
+) -> np.ndarray:
+    """Return the label volume restricted to the voxels that the scoring counted.
+
+    The rules are those of scoring.agatston.score_volume: an artery's voxels
+    at or above `result.threshold_hu`, outside pixel padding, in 2D
+    8-connected components whose area reaches the minimum lesion area of
+    `parameters` (default ScoringParameters()). OTHER_CALCIUM voxels at or
+    above the threshold stay, for display; scoring ignores them.
+
+    Raises:
+        ValueError: `parameters.threshold_hu` differs from `result.threshold_hu`.
+    """
+    parameters = parameters or ScoringParameters()
+    if parameters.threshold_hu != result.threshold_hu:
+        raise ValueError(
+            f"scoring parameters have threshold {parameters.threshold_hu:g} HU but the result "
+            f"was scored at {result.threshold_hu:g} HU; pass the parameters used for the result"
+        )
+    calcium = (volume.hu >= result.threshold_hu) & ~volume.padding_mask
+    scored = np.where(calcium & (labels == OTHER_CALCIUM), OTHER_CALCIUM, 0).astype(np.uint8)
+    coronary = calcium & (labels >= 1) & (labels <= 3)
+    if not coronary.any():
+        return scored
+
+    # Label components inside the bounding box of all coronary candidates only.
+    box = tuple(
+        slice(int(indices[0]), int(indices[-1]) + 1)
+        for indices in (np.flatnonzero(coronary.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
+    for artery in ARTERIES:
+        candidates = coronary[box] & (labels[box] == ARTERY_LABELS[artery])
+        components, count = ndimage.label(candidates, structure=IN_PLANE_8_CONNECTIVITY)
+        if count == 0:
+            continue
+        areas = np.bincount(components.ravel(), minlength=count + 1) * volume.pixel_area_mm2
+        passes = areas >= parameters.minimum_lesion_area_mm2 - SIZE_TOLERANCE
+        passes[0] = False
+        scored[box][passes[components]] = ARTERY_LABELS[artery]
+    return scored
+
+
+def _check_volume_score(volume: CTVolume, artery: str, mask: np.ndarray, result: ScoringResult) -> None:
+    """Log a warning when a segment's volume differs from the artery's volume score.
+
+    A difference means the labels or scoring parameters passed here are not
+    those of the result, so the SEG and the SR disagree.
+    """
+    segment_volume = float(np.count_nonzero(mask)) * volume.voxel_volume_mm3
+    expected = result.volume_mm3[artery]
+    if not np.isclose(segment_volume, expected, rtol=1e-6, atol=1e-6):
+        logger.warning(
+            "series %s: %s segment covers %.3f mm³ but the volume score is %.3f mm³; "
+            "the labels or scoring parameters differ from those of the scoring result",
+            volume.series_instance_uid,
+            artery,
+            segment_volume,
+            expected,
+        )
 
 
 def check_label_volume(labels: np.ndarray, volume: CTVolume, *, name: str, max_label: int) -> None:

@@ -25,6 +25,7 @@ from matplotlib.ft2font import FT2Font
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
+from scoring.config import ScoringParameters
 from scoring.result import ARTERIES, OTHER_CALCIUM, ScoringResult
 from scoring.volume import CTVolume
 from sr_writer.identity import (
@@ -35,7 +36,7 @@ from sr_writer.identity import (
     series_description,
     series_number,
 )
-from sr_writer.seg import ARTERY_COLORS, check_label_volume
+from sr_writer.seg import ARTERY_COLORS, check_label_volume, scored_labels
 from sr_writer.sr import protocol_flag_codes
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def build_summary_image(
     algorithm: AlgorithmIdentification,
     uid_root: str,
     device_serial_number: str,
+    parameters: ScoringParameters | None = None,
 ) -> hd.sc.SCImage:
     """Build the summary Secondary Capture (RGB, 8 bit) of a scoring result.
 
@@ -94,17 +96,21 @@ def build_summary_image(
         algorithm: name and versions printed on the page.
         uid_root: UID root for the new series and instance UIDs.
         device_serial_number: Device Serial Number of the node.
+        parameters: the scoring parameters of `result` (default
+            ScoringParameters()); the overlay shows the voxels they scored.
 
     Returns:
         The Secondary Capture dataset.
 
     Raises:
         LabelError: `labels` does not match the volume.
-        ValueError: `uid_root` is invalid.
+        ValueError: `uid_root` is invalid, or `parameters` has another
+            threshold than `result`.
     """
     check_label_volume(labels, volume, name="CAC label volume", max_label=OTHER_CALCIUM)
-    shown_slices = slices_with_most_calcium(volume, labels, result.threshold_hu)
-    pixels = render_summary(volume, labels, result, algorithm=algorithm, shown_slices=shown_slices)
+    scored = scored_labels(volume, labels, result, parameters)
+    shown_slices = slices_with_most_calcium(scored)
+    pixels = render_summary(volume, scored, result, algorithm=algorithm, shown_slices=shown_slices)
 
     first_header = volume.headers[0]
     # The page has no patient orientation. highdicom requires one for the
@@ -150,13 +156,14 @@ def build_summary_image(
     return image
 
 
-def slices_with_most_calcium(volume: CTVolume, labels: np.ndarray, threshold_hu: float) -> list[int]:
-    """Return up to SHOWN_SLICES slice indices with the most coronary calcium voxels, in volume order.
+def slices_with_most_calcium(scored: np.ndarray) -> list[int]:
+    """Return up to SHOWN_SLICES slice indices with the most scored coronary voxels, in volume order.
 
-    Only voxels of LAD, LCX or RCA at or above `threshold_hu` count. Slices
-    without such voxels are never returned, so a zero score shows no slice.
+    `scored` is the output of `scored_labels`; only its LAD, LCX and RCA
+    voxels count. Slices without such voxels are never returned, so a zero
+    score shows no slice.
     """
-    coronary = (labels >= 1) & (labels <= 3) & (volume.hu >= threshold_hu)
+    coronary = (scored >= 1) & (scored <= 3)
     counts = coronary.reshape(coronary.shape[0], -1).sum(axis=1)
     # Stable sort: among equal counts the lower slice index comes first.
     ranked = np.argsort(-counts, kind="stable")
@@ -166,13 +173,17 @@ def slices_with_most_calcium(volume: CTVolume, labels: np.ndarray, threshold_hu:
 
 def render_summary(
     volume: CTVolume,
-    labels: np.ndarray,
+    scored: np.ndarray,
     result: ScoringResult,
     *,
     algorithm: AlgorithmIdentification,
     shown_slices: list[int],
 ) -> np.ndarray:
-    """Render the summary page as a uint8 RGB array of shape (height, width, 3)."""
+    """Render the summary page as a uint8 RGB array of shape (height, width, 3).
+
+    `scored` is the output of `scored_labels`; every non-zero voxel is drawn
+    in the colour of its label.
+    """
     width, height = PAGE_SIZE
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor=_BACKGROUND)
     canvas = FigureCanvasAgg(figure)
@@ -180,7 +191,7 @@ def render_summary(
     _draw_header(figure, volume.headers[0], algorithm)
     _draw_score_table(figure, result)
     _draw_findings(figure, result)
-    _draw_slices(figure, volume, labels, result.threshold_hu, shown_slices)
+    _draw_slices(figure, volume, scored, shown_slices)
 
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
@@ -273,7 +284,7 @@ def _draw_findings(figure: Figure, result: ScoringResult) -> None:
 
 
 def _draw_slices(
-    figure: Figure, volume: CTVolume, labels: np.ndarray, threshold_hu: float, shown_slices: list[int]
+    figure: Figure, volume: CTVolume, scored: np.ndarray, shown_slices: list[int]
 ) -> None:
     if not shown_slices:
         figure.text(
@@ -295,7 +306,7 @@ def _draw_slices(
         + [tuple(c / 255 for c in OTHER_CALCIUM_COLOR) + (0.85,)]
     )
     panel_width = 0.96 / SHOWN_SLICES
-    row_range, column_range = crop_window(volume, labels, threshold_hu)
+    row_range, column_range = crop_window(volume, scored)
     aspect = volume.pixel_spacing[0] / volume.pixel_spacing[1]
     for position, index in enumerate(shown_slices):
         axes = figure.add_axes((0.02 + position * panel_width, PANEL_BOTTOM, panel_width - 0.01, PANEL_HEIGHT))
@@ -305,8 +316,7 @@ def _draw_slices(
         for spine in axes.spines.values():
             spine.set_color("#606070")
         axes.imshow(volume.hu[index], cmap="gray", vmin=low, vmax=high, interpolation="nearest", aspect=aspect)
-        overlay = np.where(volume.hu[index] >= threshold_hu, labels[index], 0)
-        axes.imshow(overlay, cmap=overlay_colors, vmin=0, vmax=OTHER_CALCIUM, interpolation="nearest", aspect=aspect)
+        axes.imshow(scored[index], cmap=overlay_colors, vmin=0, vmax=OTHER_CALCIUM, interpolation="nearest", aspect=aspect)
         axes.set_xlim(column_range[0] - 0.5, column_range[1] - 0.5)
         axes.set_ylim(row_range[1] - 0.5, row_range[0] - 0.5)
         if volume.frame_numbers is not None:
@@ -336,7 +346,7 @@ def _draw_slices(
     )
 
 
-def crop_window(volume: CTVolume, labels: np.ndarray, threshold_hu: float) -> tuple[tuple[int, int], tuple[int, int]]:
+def crop_window(volume: CTVolume, scored: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
     """Return the (start, stop) row and column ranges of the slice panels, around all coronary calcium.
 
     The field is centred on the bounding box of the coronary calcium voxels
@@ -344,7 +354,7 @@ def crop_window(volume: CTVolume, labels: np.ndarray, threshold_hu: float) -> tu
     MIN_FIELD_MM wide, clipped to the image. Without calcium it is the whole image.
     """
     rows, columns = volume.shape[1:]
-    coronary = ((labels >= 1) & (labels <= 3) & (volume.hu >= threshold_hu)).any(axis=0)
+    coronary = ((scored >= 1) & (scored <= 3)).any(axis=0)
     if not coronary.any():
         return (0, rows), (0, columns)
     ranges = []

@@ -9,11 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from scoring.config import ScoringParameters
 from scoring.errors import LabelError
 from scoring.labels import read_label_map
 from scoring.result import LAD, LCX, RCA
 from sr_writer import AlgorithmIdentification, build_region_seg, build_seg
-from sr_writer.seg import ARTERY_COLORS, segment_numbers
+from sr_writer.seg import ARTERY_COLORS, scored_labels, segment_numbers
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.sr_writer.synthetic_ct import TEST_UID_ROOT, Lesion, make_case
 
@@ -229,9 +230,59 @@ def test_build_seg_result_without_labelled_voxels_raises():
     case = make_case()
     labels = case.labels.copy()
     labels[labels == RCA] = 0
-    with pytest.raises(LabelError, match="gives RCA calcium but the label volume has no RCA voxel"):
+    with pytest.raises(LabelError, match="gives RCA calcium but the label volume has no scored RCA voxel"):
         build_seg(
             case.volume, labels, case.result, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL
+        )
+
+
+def test_build_seg_lesion_below_minimum_area_left_out():
+    case = make_case(
+        (
+            Lesion("LAD", slice_index=2, row=10, column=8, size=1),
+            Lesion("LCX", slice_index=4, row=25, column=20),
+            Lesion("LCX", slice_index=5, row=5, column=5, size=1),
+        )
+    )
+    # A 1-pixel lesion covers 0.28 mm², below the 1 mm² minimum area, so the
+    # LAD scores zero and the second LCX lesion adds nothing.
+    assert case.result.agatston["LAD"] == 0.0
+    scored = scored_labels(case.volume, case.labels, case.result)
+    assert np.count_nonzero(scored == LAD) == 0
+    assert np.count_nonzero(scored == LCX) == 25
+
+    seg = _build(case)
+    assert segment_numbers(seg) == {"LCX": 1}
+    assert int(seg.NumberOfFrames) == 1
+    # 25 voxels × 0.28 mm² × 3 mm = 21.0 mm³, the LCX volume score.
+    assert 25 * case.volume.voxel_volume_mm3 == pytest.approx(case.result.volume_mm3["LCX"])
+
+
+def test_build_seg_labels_not_scored_logs_warning(caplog):
+    case = make_case()
+    labels = case.labels.copy()
+    labels[6, 30:35, 20:25] = LAD
+    case.volume.hu[6, 30:35, 20:25] = 400.0
+    seg = build_seg(
+        case.volume, labels, case.result, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL
+    )
+
+    assert seg is not None
+    # The extra 25 LAD voxels add 25 × 0.84 mm³ = 21.0 mm³ to the scored 28.56 mm³.
+    assert "LAD segment covers 49.560 mm³ but the volume score is 28.560 mm³" in caplog.text
+
+
+def test_build_seg_parameters_other_threshold_raises():
+    case = make_case()
+    with pytest.raises(ValueError, match="scoring parameters have threshold 100 HU but the result was scored at 130 HU"):
+        build_seg(
+            case.volume,
+            case.labels,
+            case.result,
+            algorithm=ALGORITHM,
+            uid_root=TEST_UID_ROOT,
+            device_serial_number=SERIAL,
+            parameters=ScoringParameters(threshold_hu=100.0),
         )
 
 

@@ -10,6 +10,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from scoring.errors import LabelError
 from sr_writer import AlgorithmIdentification, build_summary_image
 from sr_writer.seg import ARTERY_COLORS
+from sr_writer.seg import scored_labels
 from sr_writer.summary import PAGE_SIZE, PANEL_BOTTOM, PANEL_HEIGHT, crop_window, slices_with_most_calcium
 from tests.dicom_validation import assert_dciodvfy_clean
 from tests.sr_writer.synthetic_ct import TEST_UID_ROOT, Lesion, make_case
@@ -122,12 +123,12 @@ def test_slices_with_most_calcium_ranks_coronary_voxels():
     )
     # Coronary voxels per slice: 4, 36, 16 and 9 on slices 1, 3, 6 and 7. The
     # 16 OTHER_CALCIUM voxels on slice 1 do not count.
-    assert slices_with_most_calcium(case.volume, case.labels, 130.0) == [3, 6, 7]
+    assert slices_with_most_calcium(scored_labels(case.volume, case.labels, case.result)) == [3, 6, 7]
 
 
 def test_slices_with_most_calcium_below_threshold_ignored():
     case = make_case((Lesion("LAD", slice_index=2, row=10, column=8, hu=120.0),))
-    assert slices_with_most_calcium(case.volume, case.labels, 130.0) == []
+    assert slices_with_most_calcium(scored_labels(case.volume, case.labels, case.result)) == []
 
 
 def test_build_summary_image_label_shape_mismatch_raises():
@@ -156,9 +157,9 @@ def test_crop_window_centres_on_calcium():
     # Calcium spans rows 10-34 and columns 8-29 (12.5 × 11 mm), less than the
     # 120 mm minimum field, so the field is 120 mm = 240 pixels around the
     # box centre (row 22.5, column 19), clipped at 0 on the top and left.
-    assert crop_window(case.volume, case.labels, 130.0) == ((0, 143), (0, 139))
+    assert crop_window(case.volume, scored_labels(case.volume, case.labels, case.result)) == ((0, 143), (0, 139))
 
 
 def test_crop_window_without_calcium_whole_image():
     case = make_case(())
-    assert crop_window(case.volume, case.labels, 130.0) == ((0, 40), (0, 36))
+    assert crop_window(case.volume, scored_labels(case.volume, case.labels, case.result)) == ((0, 40), (0, 36))
