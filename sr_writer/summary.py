@@ -408,6 +408,7 @@ def _drawable(text: str) -> str:
     matplotlib warns about each missing glyph with the character in the
     message, which would put parts of a patient's name into the node's log.
     """
+    # TODO(#4): ship a font with CJK glyphs; such names are drawn as boxes.
     available = _font_code_points()
     return "".join(character if ord(character) in available else "□" for character in text)
 
