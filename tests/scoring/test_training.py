@@ -196,3 +196,47 @@ def test_parse_seeds_ranges_and_lists():
     assert parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
     with pytest.raises(argparse.ArgumentTypeError, match="invalid seed list '5-2'"):
         parse_seeds("5-2")
+
+
+_TORCHRUN_SCRIPT = '''
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scoring import training
+
+logging.basicConfig(level=logging.INFO)
+hu = np.full((3, 256, 256), 40.0, dtype=np.float32)
+labels = np.zeros(hu.shape, dtype=np.uint8)
+regions = np.full(hu.shape, -1, dtype=np.int8)
+hu[1, 120:124, 120:124] = 450.0
+labels[1, 120:124, 120:124] = 1
+regions[:, 110:130, 110:130] = 1
+case = training.TrainingCase.from_arrays("tiny", hu, labels, regions)
+config = training.TrainingConfig(
+    epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=2, threads=1, device="cpu"
+)
+training.train(config, [case], [case], Path(sys.argv[1]), progress=False)
+'''
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_two_processes_writes_checkpoint(tmp_path: Path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_tiny.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    saved = checkpoint.load_checkpoint(tmp_path / "out" / "last.pt")
+    # Rank 0 writes the checkpoint; DDP keeps the ranks' weights equal, so one file results.
+    assert saved.training_state["epoch"] == 1
+    assert "joined torchrun group: rank 0 of 2" in completed.stderr
+    assert "joined torchrun group: rank 1 of 2" in completed.stderr
