@@ -199,7 +199,7 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
 
 
 
-def highdicom_source(header: Dataset) -> Dataset:
+def highdicom_source(header: Dataset, sop_class_uid: str) -> Dataset:
     """Return a shallow copy of a source header that highdicom can take as source or evidence.
 
     highdicom reads the Type 2 patient and study attributes of its first
@@ -207,7 +207,9 @@ def highdicom_source(header: Dataset) -> Dataset:
     The copy carries them empty. The person names are emptied as well,
     because highdicom warns about single-component names with the name in the
     message, which would put it into the node's log. Every output gets the
-    source's own values afterwards from copy_patient_and_study.
+    source's own values afterwards from copy_patient_and_study. A source
+    whose SOPClassUID is empty (load_series then takes the one of its file
+    meta information) gets `sop_class_uid`, the volume's SOP Class.
     """
     # copy.copy(Dataset) shares the element dictionary with the original, so
     # the copy gets a dictionary of its own holding the same element objects.
@@ -217,6 +219,8 @@ def highdicom_source(header: Dataset) -> Dataset:
     for keyword in _TYPE2_KEYWORDS:
         if keyword not in source:
             setattr(source, keyword, None)
+    if not source.get("SOPClassUID"):
+        replace_element(source, "SOPClassUID", sop_class_uid)
     replace_element(source, "PatientName", None)
     replace_element(source, "ReferringPhysicianName", None)
     return source

@@ -376,7 +376,7 @@ def _source_images_and_frames(
                 f"series {volume.series_instance_uid} has {volume.shape[0]} slices but "
                 f"{len(volume.headers)} source headers; expected one header per slice"
             )
-        return [_highdicom_source(header, slice_thickness) for header in volume.headers], masks
+        return [_highdicom_source(header, volume.sop_class_uid, slice_thickness) for header in volume.headers], masks
 
     # TODO(#4): an Enhanced CT volume assembled from several multi-frame
     # instances is not written; load_series yields one instance per volume.
@@ -396,12 +396,12 @@ def _source_images_and_frames(
                 f"{frame_number}; expected 1 to NumberOfFrames {frame_count}"
             )
         frames[frame_number - 1] = masks[volume_index]
-    return [_highdicom_source(header, slice_thickness)], frames
+    return [_highdicom_source(header, volume.sop_class_uid, slice_thickness)], frames
 
 
-def _highdicom_source(header: Dataset, slice_thickness: float) -> Dataset:
-    """Return `highdicom_source(header)` with SliceThickness set when a single-frame source lacks it."""
-    source = highdicom_source(header)
+def _highdicom_source(header: Dataset, sop_class_uid: str, slice_thickness: float) -> Dataset:
+    """Return `highdicom_source(header, sop_class_uid)` with SliceThickness set when a single-frame source lacks it."""
+    source = highdicom_source(header, sop_class_uid)
     if "NumberOfFrames" not in source and not source.get("SliceThickness"):
         replace_element(source, "SliceThickness", slice_thickness)
     return source

@@ -161,7 +161,7 @@ def build_sr(
     )
 
     first_header = volume.headers[0]
-    evidence: list[Dataset] = [highdicom_source(header) for header in _unique_headers(volume)]
+    evidence: list[Dataset] = [highdicom_source(header, volume.sop_class_uid) for header in _unique_headers(volume)]
     if seg is not None:
         evidence.append(seg)
     sr = hd.sr.Comprehensive3DSR(

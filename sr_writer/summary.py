@@ -116,7 +116,7 @@ def build_summary_image(
     # The page has no patient orientation. highdicom requires one for the
     # PATIENT coordinate system; the Type 2 attribute is emptied below.
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=highdicom_source(first_header),
+        ref_dataset=highdicom_source(first_header, volume.sop_class_uid),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
