@@ -26,6 +26,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node check-config: {error}", file=sys.stderr)
         return 1
 
+    model_path = settings.scoring.model_path
+    if model_path is None:
+        from scoring.inference import default_model_path
+
+        model_path = default_model_path()
+        if not model_path.is_file():
+            print(
+                f"cacs-node check-config: {path}: [scoring] model_path is empty, but the shipped model "
+                f"{model_path} is missing; reinstall cacs-node or set model_path to a model file",
+                file=sys.stderr,
+            )
+            return 1
+
     node = settings.node
     print(f"{path}: valid")
     print(f"  AE title {node.ae_title} on {node.bind_address}:{node.port}, at most {node.max_associations} associations")
@@ -40,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not settings.destinations:
         print("  no destinations: results stay under the storage root")
     print(f"  storage root {settings.storage.root}, minimum free space {settings.storage.min_free_space_mb} MiB")
-    model = settings.scoring.model_path or "the shipped model"
-    print(f"  model {model} on device {settings.scoring.device}, quiet period {settings.scoring.quiet_period_s} s")
+    print(f"  model {model_path} on device {settings.scoring.device}, quiet period {settings.scoring.quiet_period_s} s")
     if node.uid_root == "1.2.826.0.1.3680043.8.498.":
         print("  note: uid_root is pydicom's example root; set your organisation's registered root for clinical use")
     return 0

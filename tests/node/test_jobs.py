@@ -353,11 +353,26 @@ def test_check_config_bad_file_lists_problems_exits_1(tmp_path: Path, capsys: py
 
 
 def test_check_config_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # check-config checks only that the model file exists, so any bytes do.
+    (tmp_path / "model.pt").write_bytes(b"weights")
     path = tmp_path / "node.toml"
-    path.write_text('[storage]\nroot = "data"\n', encoding="utf-8")
+    path.write_text('[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\n', encoding="utf-8")
 
     assert main(["check-config", "--config", str(path)]) == 0
     assert f"storage root {tmp_path / 'data'}" in capsys.readouterr().out
+
+
+def test_check_config_missing_shipped_model_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scoring.inference
+
+    monkeypatch.setattr(scoring.inference, "default_model_path", lambda: tmp_path / "absent.pt")
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\nroot = "data"\n', encoding="utf-8")
+
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert f"the shipped model {tmp_path / 'absent.pt'} is missing" in capsys.readouterr().err
 
 
 def test_serve_bad_config_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
