@@ -118,6 +118,18 @@ class AlgorithmIdentification:
     version: str = scoring.__version__
     model_version: str = "unknown"
 
+    def __post_init__(self) -> None:
+        # Each value goes into LO elements (64 characters, no backslash);
+        # Software Versions carries the model version as "model <version>".
+        limits = {"name": 64, "version": 64, "model_version": 64 - len("model ")}
+        for field_name, limit in limits.items():
+            value = getattr(self, field_name)
+            if not isinstance(value, str) or not value.strip() or len(value) > limit or "\\" in value:
+                raise ValueError(
+                    f"algorithm {field_name} {value!r} is invalid; expected a non-empty text of at "
+                    f"most {limit} characters without a backslash"
+                )
+
     @property
     def short_version(self) -> str:
         """Major and minor part of `version`, for example "1.0" of "1.0.3"."""
