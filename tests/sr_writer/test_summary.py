@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -54,6 +55,8 @@ def test_build_summary_image_rgb_burned_in(tmp_path):
     assert read_back.SeriesNumber == 704
     assert read_back.SeriesDescription == "CAC summary (cacs-node 1.0)"
     assert read_back.pixel_array.shape == (960, 1280, 3)
+    # highdicom reads the file back with the same pixels.
+    assert np.array_equal(hd.imread(path).get_frame(1), image.pixel_array)
     assert_dciodvfy_clean(path)
 
 
