@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -486,11 +487,13 @@ class StorageSCP:
         return STATUS_SUCCESS, "conflict"
 
     def _same_content(self, existing: InstanceRecord, file_bytes: bytes) -> bool:
-        """Compare a stored instance with a re-sent one in another transfer syntax.
+        """Compare a stored instance with a re-sent one whose bytes differ.
 
         Elements other than Pixel Data are compared as values, and pixel data
-        after decoding, so a series re-sent compressed differently is still
-        recognised as identical.
+        as decoded pixels unless the encoded bytes match. So a series re-sent
+        in another transfer syntax, or with another but equivalent encoding
+        (explicit instead of implicit VR, sequence lengths), is recognised as
+        identical.
         """
         try:
             stored = dcmread(self.store.absolute(existing.path))
@@ -498,16 +501,24 @@ class StorageSCP:
         except (OSError, StorageError, ValueError) as error:
             logger.warning("cannot compare re-sent instance %s with the stored copy: %s", existing.sop_instance_uid, error)
             return False
-        if stored.file_meta.TransferSyntaxUID == received.file_meta.TransferSyntaxUID:
-            return False
-        tags = {tag for tag in stored.keys() if tag != 0x7FE00010}
-        if tags != {tag for tag in received.keys() if tag != 0x7FE00010}:
+
+        pixel_data = 0x7FE00010
+        tags = {tag for tag in stored.keys() if tag != pixel_data}
+        if tags != {tag for tag in received.keys() if tag != pixel_data}:
             return False
         if any(stored[tag].value != received[tag].value for tag in tags):
             return False
+        if (pixel_data in stored) != (pixel_data in received):
+            return False
+        if pixel_data not in stored:
+            return True
+        same_syntax = stored.file_meta.TransferSyntaxUID == received.file_meta.TransferSyntaxUID
+        if same_syntax and stored.PixelData == received.PixelData:
+            return True
         try:
-            return bool((stored.pixel_array == received.pixel_array).all())
+            return bool(np.array_equal(stored.pixel_array, received.pixel_array))
         except Exception as error:
+            # pydicom raises many exception types for undecodable pixel data.
             logger.warning(
                 "cannot decode pixel data to compare re-sent instance %s: %s", existing.sop_instance_uid, error
             )
