@@ -292,6 +292,21 @@ def test_send_files_compressed_file_uncompressed_destination_decompresses(
     np.testing.assert_array_equal(dataset.pixel_array, expected)
 
 
+def test_send_files_implicit_only_destination_converts(tmp_path: Path, start_scp) -> None:
+    scp = start_scp(sop_classes=(COMPREHENSIVE_3D_SR_STORAGE,), transfer_syntaxes=(ImplicitVRLittleEndian,))
+    path, sop_instance = _write_object(tmp_path, COMPREHENSIVE_3D_SR_STORAGE)
+
+    report = send_files([path], _destination(scp.port), calling_ae_title="CACS_NODE", node_section=NODE_SECTION)
+
+    assert report.all_sent
+    # The file is Explicit VR Little Endian; pynetdicom re-encodes it in the
+    # only accepted syntax, Implicit VR Little Endian.
+    (_, received_uid, syntax, dataset), = scp.received
+    assert received_uid == sop_instance
+    assert syntax == ImplicitVRLittleEndian
+    assert dataset.StudyInstanceUID == STUDY_UID
+
+
 def test_send_files_compressed_file_accepted_keeps_syntax(tmp_path: Path, start_scp) -> None:
     scp = start_scp(
         sop_classes=(SECONDARY_CAPTURE_STORAGE,),
