@@ -11,7 +11,7 @@ Content tree (PS3.16 TID 1500), built with highdicom:
   DCM 112055 "Agatston scoring method" (UCUM "1"), DCM 122660 "Calcium
   Volume" (mm3) and DCM 122661 "Calcium Mass" (mg).
 - One TID 1501 group per artery without calcium, with the same three
-  measurements at zero.
+  measurements at zero and no Finding item.
 - One TID 1501 group for the whole study, with finding site "Coronary
   artery". It contains the total scores, the Agatston score threshold
   DCM 122657 (HU), the thickness normalisation factor, the mass calibration
@@ -131,10 +131,10 @@ def build_sr(
                 )
             )
         else:
+            # No Finding item: a zero score reports the absence of calcification.
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
-                    finding_type=codes.PATHOLOGIC_CALCIFICATION,
                     finding_sites=[site],
                     algorithm_id=algorithm_id,
                     measurements=measurements,
@@ -298,7 +298,7 @@ def _study_group(
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(uid_root), identifier="Total calcium"),
-        finding_type=codes.PATHOLOGIC_CALCIFICATION,
+        finding_type=codes.PATHOLOGIC_CALCIFICATION if result.arteries_with_calcium else None,
         finding_sites=[hd.sr.FindingSite(codes.CORONARY_ARTERY)],
         algorithm_id=algorithm_id,
         measurements=measurements,

@@ -170,6 +170,8 @@ def test_build_sr_zero_calcium_explicit_zeros(tmp_path):
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     assert report.get_volumetric_roi_measurement_groups() == []
+    # Zero scores carry no "Pathologic calcification" finding.
+    assert [group.finding_type for group in report.get_image_measurement_groups()] == [None, None, None, None]
     for site in list(ARTERY_SITES.values()) + [codes.CORONARY_ARTERY]:
         assert find_measurement(sr, site, codes.CORONARY_ARTERY_CALCIUM_SCORE) == 0.0
         assert find_measurement(sr, site, codes.CALCIUM_VOLUME) == 0.0
