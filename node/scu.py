@@ -245,20 +245,24 @@ def send_files(
     contexts = _build_contexts(prepared[index] for index in sendable)
     ae = _make_ae(calling_ae_title, node_section)
     outcome = _AssociationOutcome()
-    assoc = _associate(ae, destination, contexts, node_section, outcome)
-    if not assoc.is_established:
-        error = _association_failure(assoc, outcome, calling_ae_title, peer)
-        LOGGER.error(error)
+    connect_error = ""
+    try:
+        assoc: Association | None = _associate(ae, destination, contexts, node_section, outcome)
+    except OSError as error:
+        # pynetdicom lets socket.gaierror through for a host name that does not resolve.
+        assoc = None
+        connect_error = _connection_error(destination.host, peer, error)
+    if assoc is None or not assoc.is_established:
+        failure = connect_error if assoc is None else _association_failure(assoc, outcome, calling_ae_title, peer)
+        LOGGER.error(failure)
         for index in sendable:
-            results[index] = _not_sent(
-                prepared[index], error, retryable=not outcome.permanent
-            )
+            results[index] = _not_sent(prepared[index], failure, retryable=not outcome.permanent)
         ae.shutdown()
         return SendReport(
             destination.name,
             peer,
             tuple(results[i] for i in range(len(prepared))),
-            association_error=error,
+            association_error=failure,
         )
 
     try:
@@ -392,14 +396,17 @@ def echo(
     outcome = _AssociationOutcome()
     contexts = [build_context(VERIFICATION_SOP_CLASS, list(FALLBACK_TRANSFER_SYNTAXES))]
     try:
-        assoc = ae.associate(
-            host,
-            port,
-            contexts=contexts,
-            ae_title=ae_title,
-            max_pdu=max_pdu_size,
-            evt_handlers=_negotiation_handlers(outcome),
-        )
+        try:
+            assoc = ae.associate(
+                host,
+                port,
+                contexts=contexts,
+                ae_title=ae_title,
+                max_pdu=max_pdu_size,
+                evt_handlers=_negotiation_handlers(outcome),
+            )
+        except OSError as error:
+            return EchoResult(False, None, _connection_error(host, peer, error), time.monotonic() - started)
         if not assoc.is_established:
             message = _association_failure(assoc, outcome, calling_ae_title, peer)
             return EchoResult(False, None, message, time.monotonic() - started)
@@ -581,6 +588,13 @@ def _association_failure(
     return (
         f"no association with {peer}: connection failed or timed out; check that the "
         "destination is running and that host and port in node.toml are right"
+    )
+
+
+def _connection_error(host: str, peer: str, error: OSError) -> str:
+    return (
+        f"no association with {peer}: connecting to host {host!r} failed ({error}); check the "
+        "host name or address in node.toml and the name service"
     )
 
 

@@ -371,6 +371,21 @@ def test_send_files_closed_port_reports_no_association(tmp_path: Path) -> None:
     assert report.instances[0].status is None
 
 
+def test_send_files_unresolvable_host_reports_retryable(tmp_path: Path) -> None:
+    path, _ = _write_object(tmp_path, COMPREHENSIVE_3D_SR_STORAGE)
+
+    # ".invalid" is reserved (RFC 2606), so it never resolves.
+    report = send_files(
+        [path], _destination(104, host="pacs.invalid"), calling_ae_title="CACS_NODE", node_section=NODE_SECTION
+    )
+
+    assert report.association_error.startswith(
+        "no association with STORE_SCP@pacs.invalid:104: connecting to host 'pacs.invalid' failed"
+    )
+    assert report.instances[0].retryable
+    assert not report.instances[0].sent
+
+
 def test_send_files_missing_file_reported_others_sent(tmp_path: Path, start_scp) -> None:
     scp = start_scp()
     sr_path, _ = _write_object(tmp_path, COMPREHENSIVE_3D_SR_STORAGE)
