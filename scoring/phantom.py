@@ -60,6 +60,7 @@ from scoring.phantom_calcium import (
     BURDEN_CLASSES,
     Plaque,
     PlaqueFootprint,
+    blur_reach_mm,
     choose_burden,
     clear_of_bone,
     label_plaque,
@@ -114,14 +115,19 @@ DEFAULT_SLICES = 48
 DEFAULT_QRM_SLICES = 40
 FIELD_OF_VIEW_MM = (0.35 * 512, 0.8 * 512)
 
+#: Range of the standard deviation (mm) of the in-plane Gaussian point spread function
+#: applied to calcium, which makes dense calcium bloom. It is an estimate for soft
+#: calcium-scoring kernels, not a measured kernel.
+PSF_SIGMA_MM = (0.3, 0.7)
+
 
 @dataclass(frozen=True)
 class PhantomCase:
     """One phantom series in memory.
 
     hu: float32 (slices, rows, columns) in volume order, exactly the HU the
-        written series decodes to; pixels outside the reconstruction circle
-        hold PADDING_HU and are True in `padding_mask`.
+        written series decodes to. Pixels outside the reconstruction circle
+        are PADDING_HU and True in `padding_mask`.
     labels: uint8 CAC labels. regions: uint8 CAR annotations (values in the module docstring).
     pixel_spacing: (row spacing, column spacing) in mm.
     positions: ImagePositionPatient of each slice, (slices, 3), in mm.
@@ -498,13 +504,17 @@ def make_case(
 
     # Calcium: distractors first, then the coronary plaques, kept apart from each other.
     chosen_burden = "zero" if zero_calcium else (burden or choose_burden(rng))
+    # Blurred plaques stay apart, so no two footprints overlap, and stay off bone.
+    psf_sigma = float(rng.uniform(*PSF_SIGMA_MM))
+    clearance = 1.0 + 2 * blur_reach_mm(psf_sigma)
+
     def accept(plaque: Plaque) -> bool:
-        return clear_of_bone(volume, grid, plaque)
+        return clear_of_bone(volume, grid, plaque, margin_mm=1.5 + blur_reach_mm(psf_sigma))
 
     z_range = (float(body_z[0]), float(body_z[-1]))
-    distractors = sample_extra_coronary_plaques(anatomy, chosen_burden, rng, z_range, accept)
-    coronary = sample_coronary_plaques(anatomy, chosen_burden, rng, list(distractors), accept)
-    footprints = [paint_plaque(volume, grid, plaque) for plaque in distractors + coronary]
+    distractors = sample_extra_coronary_plaques(anatomy, chosen_burden, rng, z_range, accept, clearance)
+    coronary = sample_coronary_plaques(anatomy, chosen_burden, rng, list(distractors), accept, clearance)
+    footprints = [paint_plaque(volume, grid, plaque, psf_sigma) for plaque in distractors + coronary]
 
     # Artifacts, noise, and the values the series stores.
     motion_slices = _apply_motion(volume, grid, anatomy, rng, footprints) if _resolve_toggle(motion, rng, 0.25) else []
@@ -534,6 +544,7 @@ def make_case(
         "field_of_view_mm": round(spacing * size, 2),
         "slices": slices,
         "noise_hu": round(sigma, 2),
+        "psf_sigma_mm": round(psf_sigma, 3),
         "motion_slices": motion_slices,
         "metal": metal_kind if metal_slices else None,
         "metal_slices": metal_slices,

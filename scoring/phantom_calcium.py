@@ -149,11 +149,11 @@ def clear_of_bone(volume: np.ndarray, grid: Grid, plaque: Plaque, margin_mm: flo
 
 
 def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
-                            placed: list[Plaque], accept: Callable[[Plaque], bool] = lambda plaque: True
-                            ) -> list[Plaque]:
+                            placed: list[Plaque], accept: Callable[[Plaque], bool] = lambda plaque: True,
+                            clearance: float = 2.0) -> list[Plaque]:
     """Place the coronary plaques of one burden class along the centerlines.
 
-    placed: plaques already in the volume, kept at least 2 mm away.
+    placed: plaques already in the volume, kept at least `clearance` mm away.
     accept: extra placement test, for example `clear_of_bone` on the anatomy.
     """
     spec = BURDEN_CLASSES[burden]
@@ -176,7 +176,7 @@ def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Genera
             candidate = Plaque(ARTERY_OF_SEGMENT[segment], segment,
                                _capsule_axis(line, centre_distance, length, offset),
                                float(radius), float(rng.uniform(*spec.peak_hu)))
-            if _fits(candidate, placed + plaques, clearance=2.0) and accept(candidate):
+            if _fits(candidate, placed + plaques, clearance) and accept(candidate):
                 plaques.append(candidate)
                 break
     return plaques
@@ -184,7 +184,8 @@ def sample_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Genera
 
 def sample_extra_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.Generator,
                                   z_range: tuple[float, float],
-                                  accept: Callable[[Plaque], bool] = lambda plaque: True) -> list[Plaque]:
+                                  accept: Callable[[Plaque], bool] = lambda plaque: True,
+                                  clearance: float = 2.0) -> list[Plaque]:
     """Place non-coronary calcium (label 4): aortic wall, aortic valve and mitral annulus.
 
     accept: extra placement test, for example `clear_of_bone` on the anatomy.
@@ -231,7 +232,7 @@ def sample_extra_coronary_plaques(anatomy: Anatomy, burden: str, rng: np.random.
 
     kept: list[Plaque] = []
     for plaque in plaques:
-        if _fits(plaque, kept, clearance=2.0) and accept(plaque):
+        if _fits(plaque, kept, clearance) and accept(plaque):
             kept.append(plaque)
     return kept
 
@@ -251,9 +252,23 @@ def _slab_fraction(plaque: Plaque, grid: Grid, z: float, rows: slice, columns: s
     return fraction / SLAB_SAMPLES
 
 
-def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque) -> PlaqueFootprint:
-    """Mix one plaque into the HU volume in place and return where it went."""
-    reach = plaque.radius + 2 * grid.spacing
+#: Calcium fraction below which a blurred plaque's tail is not part of its footprint.
+SUPPORT_FRACTION = 0.01
+
+
+def blur_reach_mm(psf_sigma_mm: float) -> float:
+    """Distance beyond a plaque's edge where its blurred calcium fraction can still reach SUPPORT_FRACTION."""
+    return 2.5 * psf_sigma_mm
+
+
+def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque, psf_sigma_mm: float = 0.0) -> PlaqueFootprint:
+    """Mix one plaque into the HU volume in place and return where it went.
+
+    psf_sigma_mm: standard deviation of the in-plane Gaussian point spread
+    function of the reconstruction. It spreads dense calcium over neighbouring
+    pixels (blooming), which enlarges thresholded areas as real scans do.
+    """
+    reach = plaque.radius + 2 * grid.spacing + 4 * psf_sigma_mm
     low = plaque.axis[:, 2].min() - plaque.radius - grid.slice_thickness / 2
     high = plaque.axis[:, 2].max() + plaque.radius + grid.slice_thickness / 2
     footprint = PlaqueFootprint(plaque, {}, {}, {})
@@ -265,6 +280,8 @@ def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque) -> PlaqueFootpr
     fractions: dict[int, np.ndarray] = {}
     for index in np.nonzero((grid.z >= low) & (grid.z <= high))[0]:
         fraction = _slab_fraction(plaque, grid, float(grid.z[index]), rows, columns)
+        if psf_sigma_mm > 0:
+            fraction = ndimage.gaussian_filter(fraction, psf_sigma_mm / grid.spacing, mode="constant")
         if fraction.max() <= 0.0:
             continue
         blend(volume[index, rows, columns], fraction.astype(np.float32), plaque.peak_hu)
@@ -275,7 +292,7 @@ def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque) -> PlaqueFootpr
     for index, fraction in fractions.items():
         footprint.boxes[index] = box
         # One pixel of margin, so noise that extends the plaque's edge stays part of it.
-        footprint.support[index] = ndimage.binary_dilation(fraction > 0.0, np.ones((3, 3), bool))
+        footprint.support[index] = ndimage.binary_dilation(fraction >= SUPPORT_FRACTION, np.ones((3, 3), bool))
         footprint.core[index] = fraction >= 0.5 * largest
     return footprint
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from scoring.agatston import score_volume
 from scoring.config import CALCIUM_THRESHOLD_HU
@@ -24,7 +25,7 @@ from scoring.phantom import (
 )
 from scoring.phantom_anatomy import Grid
 from scoring.phantom_calcium import Plaque, clear_of_bone
-from scoring.phantom_qrm import insert_hu
+from scoring.phantom_qrm import CALIBRATION_FACTOR, insert_hu
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.series import load_series
 from scoring.volume import PADDING_HU
@@ -214,25 +215,35 @@ def test_make_case_qrm_with_patient_option_raises() -> None:
         make_case(1, mode="qrm", zero_calcium=True)
 
 
-def _expected_threshold_volume(density: float, diameter: float, spacing: float) -> float:
-    """Threshold volume (mm³) of one insert under the phantom's noise-free partial-volume model.
+def _expected_threshold_scores(density: float, diameter: float, spacing: float, psf_sigma: float
+                               ) -> tuple[float, float]:
+    """Threshold volume (mm³) and mass (mg) of one insert under a noise-free partial-volume model.
 
-    Each insert starts on a slice boundary, so slice k contains min(3, L − 3k) mm
-    of it: fill 1 and 2/3 for the 5 mm insert, 1 for the 3 mm insert. A slice
-    counts when insert HU × fill ≥ 130. In-plane, a pixel's calcium fraction
-    falls linearly over one pixel across the edge, so the 130 HU threshold
-    sits at radius r + spacing × (0.5 − 130 / (HU × fill)).
+    In-plane, the insert is a disc blurred by the Gaussian point spread function
+    and averaged over a pixel, computed on a 0.02 mm grid. Along z, each insert
+    starts on a slice boundary, so slice k contains min(3, L − 3k) mm of it
+    (fill 1 and 2/3 for the 5 mm insert, 1 for the 3 mm insert). A point counts
+    when insert HU × fill × in-plane fraction ≥ 130 HU. Mass is the sum of HU ×
+    volume × the calibration factor over the counted points.
     """
-    volume = 0.0
+    step = 0.02
+    radius = diameter / 2
+    extent = radius + 4 * psf_sigma + 2 * spacing
+    axis = np.arange(-extent, extent + step / 2, step)
+    x, y = np.meshgrid(axis, axis)
+    fraction = (x ** 2 + y ** 2 <= radius ** 2).astype(float)
+    fraction = ndimage.gaussian_filter(fraction, psf_sigma / step, mode="constant")
+    fraction = ndimage.uniform_filter(fraction, size=int(round(spacing / step)), mode="constant")
+
+    volume = mass = 0.0
     remaining = diameter
     while remaining > 0:
-        fill = min(remaining, 3.0) / 3.0
-        effective_hu = insert_hu(density) * fill
-        if effective_hu >= CALCIUM_THRESHOLD_HU:
-            radius = diameter / 2 + spacing * (0.5 - CALCIUM_THRESHOLD_HU / effective_hu)
-            volume += math.pi * radius ** 2 * 3.0
+        hu = insert_hu(density) * min(remaining, 3.0) / 3.0 * fraction
+        counted = hu >= CALCIUM_THRESHOLD_HU
+        volume += counted.sum() * step * step * 3.0
+        mass += hu[counted].sum() * step * step * 3.0 / 1000.0 * CALIBRATION_FACTOR
         remaining -= 3.0
-    return volume
+    return volume, mass
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -247,21 +258,23 @@ def test_make_case_qrm_volumes_match_geometry(seed: int) -> None:
         assert insert["true_volume_mm3"] == pytest.approx(geometric, abs=1e-3)
         assert insert["true_mass_mg"] == pytest.approx(geometric * density / 1000, abs=1e-3)
 
-        # Tolerance 10 %: noise of 10–25 HU moves edge pixels across the
-        # threshold. A disc of radius 1.5 mm covers only about 28 pixels of
-        # 0.5 mm, so a few pixels more or less are 5–10 % of its area.
-        expected = _expected_threshold_volume(density, diameter, case.pixel_spacing[0])
-        assert insert["threshold_volume_mm3"] == pytest.approx(expected, rel=0.10), (density, diameter)
+        # Tolerance 10 %, 15 % at 200 mg: noise of 10–25 HU moves edge pixels
+        # across the threshold, most at 200 mg, where the edge pixels sit near
+        # 130 HU. A disc of radius 1.5 mm covers only about 28 pixels of 0.5 mm,
+        # so a few pixels more or less are 5–10 % of its area.
+        tolerance = 0.15 if density == 200.0 else 0.10
+        volume, mass = _expected_threshold_scores(density, diameter, case.pixel_spacing[0],
+                                                  case.description["psf_sigma_mm"])
+        assert insert["threshold_volume_mm3"] == pytest.approx(volume, rel=tolerance), (density, diameter)
+        assert insert["threshold_mass_mg"] == pytest.approx(mass, rel=tolerance), (density, diameter)
 
-        # Against the geometry: whole 3 mm slices and the widened edge can add up
-        # to 45 % (5 mm at 800 mg: 6 mm of slices × (1 + 0.4 pixel / 2.5 mm)²);
-        # the thinner edge of the 200 mg inserts can remove a few percent.
-        assert 0.9 * geometric <= insert["threshold_volume_mm3"] <= 1.45 * geometric, (density, diameter)
-
-        # Mass is conserved by partial-volume mixing as long as the voxels stay
-        # above 130 HU; the 200 mg inserts lose their faint edge (≤ 10 %).
-        tolerance = 0.10 if density == 200.0 else 0.05
-        assert insert["threshold_mass_mg"] == pytest.approx(insert["true_mass_mg"], rel=tolerance), (density, diameter)
+        # Against the geometry: whole 3 mm slices (6 mm for the 5 mm insert)
+        # and blooming by the point spread function enlarge dense inserts up to
+        # about twice, while the 200 mg inserts lose edge pixels below 130 HU.
+        assert 0.8 * geometric <= insert["threshold_volume_mm3"] <= 2.1 * geometric, (density, diameter)
+        if density >= 400.0:
+            # Partial volume conserves mass while voxels stay above 130 HU.
+            assert insert["threshold_mass_mg"] == pytest.approx(insert["true_mass_mg"], rel=0.2), (density, diameter)
 
 
 def test_make_case_qrm_labels_group_inserts_by_density() -> None:
@@ -274,8 +287,11 @@ def test_make_case_qrm_labels_group_inserts_by_density() -> None:
         labelled_volume = float((case.labels == label).sum() * case.to_volume().voxel_volume_mm3)
         assert labelled_volume == pytest.approx(sum(i["threshold_volume_mm3"] for i in group), abs=1e-3)
         assert result.volume_mm3[artery] > 0
-    # The 800 mg group has three inserts (5, 3 and 1 mm); each 3D lesion is one insert.
-    assert len([lesion for lesion in result.lesions if lesion.artery == "RCA"]) == 3
+    # Each 3D lesion of the 800 mg group is one insert. The 1 mm insert may fall
+    # under the lesion list's minimum, so only the 3 and 5 mm inserts are compared.
+    lesion_volumes = sorted(lesion.volume_mm3 for lesion in result.lesions if lesion.artery == "RCA")
+    insert_volumes = sorted(i["threshold_volume_mm3"] for i in inserts if i["label"] == 3 and i["diameter_mm"] >= 3)
+    assert lesion_volumes[-2:] == pytest.approx(insert_volumes, abs=1e-3)
 
 
 def test_clear_of_bone_rejects_plaque_touching_bone() -> None:
