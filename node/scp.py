@@ -279,10 +279,12 @@ class StorageSCP:
         closed = "released" if event.event is evt.EVT_RELEASED else "aborted"
         logger.info("association %s with %s: %s", closed, caller_of(event.assoc), summary)
 
-    def _count(self, event: evt.Event, outcome: str) -> None:
+    def _count(self, event: evt.Event, outcome: str) -> int:
+        """Count one C-STORE outcome on its association; return the count so far."""
         with self._counts_lock:
             counts = self._counts.setdefault(id(event.assoc), {})
             counts[outcome] = counts.get(outcome, 0) + 1
+            return counts[outcome]
 
     # DIMSE services.
 
@@ -303,7 +305,8 @@ class StorageSCP:
             # lets the sender retry once the node is fixed; the traceback goes to the log.
             logger.exception("C-STORE from %s: response status 0xA700 after an unexpected error", caller)
             status, outcome = _failure(STATUS_OUT_OF_RESOURCES, "internal error while storing; see node log"), "failed"
-        self._count(event, outcome)
+        if self._count(event, outcome) == 1 and outcome.startswith("study "):
+            logger.info("receiving %s from %s", outcome, caller)
         return status
 
     def _store(self, event: evt.Event, caller: Caller) -> tuple[int | Dataset, str]:
@@ -451,7 +454,7 @@ class StorageSCP:
             return _failure(STATUS_OUT_OF_RESOURCES, "node cannot register the instance"), "write-failed"
 
         logger.debug("stored %s (%d bytes, %s)", ids, len(file_bytes), transfer_syntax)
-        return STATUS_SUCCESS, f"series {series_uid}"
+        return STATUS_SUCCESS, f"study {study_uid} series {series_uid}"
 
     def _file_conflict(
         self,
