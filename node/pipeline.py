@@ -138,6 +138,7 @@ class ScoringPipeline:
             uid_root=self.settings.node.uid_root,
             regions=regions,
             predecessor=predecessor,
+            parameters=self.settings.scoring.scoring_parameters(),
         )
         return outputs_of(derived, out_dir)
 

@@ -136,7 +136,14 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             derived = write_outputs(
-                volume, labels, result, args.out, algorithm=algorithm, uid_root=uid_root, regions=regions
+                volume,
+                labels,
+                result,
+                args.out,
+                algorithm=algorithm,
+                uid_root=uid_root,
+                regions=regions,
+                parameters=parameters,
             )
         except (LabelError, ValueError, OSError) as error:
             print(f"cacs-node score: writing the DICOM outputs to {args.out} failed: {error}", file=sys.stderr)
