@@ -468,3 +468,37 @@ def test_start_registers_file_left_unregistered(settings: NodeSettings, pipeline
 
     assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 2)]
     assert not stale.exists()
+
+
+def test_serve_runs_until_sigterm_exits_0(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.node.helpers import SCANNER_AE, dcmtk_tool, free_port
+
+    port = free_port()
+    (tmp_path / "model.pt").write_bytes(b"not a model")  # serve logs that it cannot load it and keeps receiving
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'[node]\nbind_address = "127.0.0.1"\nport = {port}\n'
+        f'[[peers]]\nae_title = "{SCANNER_AE}"\nhost = "127.0.0.1"\n'
+        f'[storage]\nroot = "data"\nmin_free_space_mb = 0\n[scoring]\nmodel_path = "model.pt"\n',
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        echo = [dcmtk_tool("echoscu"), "-aet", SCANNER_AE, "-aec", "CACS_NODE", "127.0.0.1", str(port)]
+        wait_for(lambda: subprocess.run(echo, capture_output=True, timeout=10).returncode == 0, 60,
+                 "serve did not answer C-ECHO")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 0, stderr
+    assert "received SIGTERM, stopping" in stderr
+    assert "cacs-node CACS_NODE stopped" in stderr
+    assert (tmp_path / "data" / "jobs.sqlite3").is_file()
