@@ -130,6 +130,8 @@ def _host_addresses(host: str) -> set[str]:
         return {_normalised_address(str(ipaddress.ip_address(host)))}
     except ValueError:
         pass
+    # NOTE: resolving runs on the association's thread, so a slow resolver
+    # delays the association by its timeout. IP addresses in [[peers]] avoid it.
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror as error:
