@@ -58,8 +58,12 @@ class StorageSCP:
     error_comment: str = ""
     statuses_in_order: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: When set, each C-STORE handler blocks until this event is set (or 10 s pass).
+    hold_responses: threading.Event | None = None
 
     def handle_store(self, event: evt.Event) -> Dataset | int:
+        if self.hold_responses is not None:
+            self.hold_responses.wait(10.0)
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         with self.lock:
@@ -369,6 +373,31 @@ def test_send_files_closed_port_reports_no_association(tmp_path: Path) -> None:
     assert report.association_error.startswith(f"no association with STORE_SCP@127.0.0.1:{closed_port}")
     assert report.instances[0].retryable
     assert report.instances[0].status is None
+
+
+def test_send_files_response_timeout_marks_rest_retryable(tmp_path: Path, start_scp) -> None:
+    scp = start_scp()
+    release = threading.Event()
+    scp.hold_responses = release
+    first, _ = _write_object(tmp_path, COMPREHENSIVE_3D_SR_STORAGE)
+    second, _ = _write_object(tmp_path, SEG_STORAGE)
+    impatient = NodeSection(acse_timeout_s=5.0, dimse_timeout_s=1.0, network_timeout_s=5.0)
+
+    try:
+        report = send_files(
+            [first, second], _destination(scp.port), calling_ae_title="CACS_NODE", node_section=impatient
+        )
+    finally:
+        release.set()
+
+    first_result, second_result = report.instances
+    assert first_result.reason == "no C-STORE response: the DIMSE timeout expired or the association was aborted"
+    assert first_result.status is None
+    assert first_result.retryable
+    # pynetdicom aborts the association after the DIMSE timeout, so the second file is not sent.
+    assert second_result.reason.startswith("association with STORE_SCP@127.0.0.1:")
+    assert second_result.reason.endswith("was aborted or timed out before this object was sent")
+    assert second_result.retryable
 
 
 def test_send_files_unresolvable_host_reports_retryable(tmp_path: Path) -> None:
