@@ -120,6 +120,9 @@ FIELD_OF_VIEW_MM = (0.35 * 512, 0.8 * 512)
 #: calcium-scoring kernels, not a measured kernel.
 PSF_SIGMA_MM = (0.3, 0.7)
 
+#: Range of the length (mm) of the in-plane motion path that blurs the heart on a few slices.
+MOTION_BLUR_MM = (1.5, 4.0)
+
 
 @dataclass(frozen=True)
 class PhantomCase:
@@ -314,7 +317,7 @@ def _apply_motion(volume: np.ndarray, grid: Grid, anatomy: Anatomy, rng: np.rand
         return []
     start = int(rng.choice(candidates))
     blurred = [int(i) for i in range(start, min(start + int(rng.integers(1, 4)), len(grid.z)))]
-    length_px = rng.uniform(1.5, 4.0) / grid.spacing
+    length_px = rng.uniform(*MOTION_BLUR_MM) / grid.spacing
     kernel = _line_kernel(length_px, rng.uniform(0, np.pi))
     box = grid.pixel_box(*anatomy.heart.xy_extent(10.0))
     if box is None:
@@ -509,12 +512,13 @@ def make_case(
     clearance = 1.0 + 2 * blur_reach_mm(psf_sigma)
 
     def accept(plaque: Plaque) -> bool:
-        return clear_of_bone(volume, grid, plaque, margin_mm=1.5 + blur_reach_mm(psf_sigma))
+        return clear_of_bone(volume, grid, plaque, margin_mm=1.5 + blur_reach_mm(psf_sigma) + MOTION_BLUR_MM[1] / 2)
 
     z_range = (float(body_z[0]), float(body_z[-1]))
     distractors = sample_extra_coronary_plaques(anatomy, chosen_burden, rng, z_range, accept, clearance)
     coronary = sample_coronary_plaques(anatomy, chosen_burden, rng, list(distractors), accept, clearance)
-    footprints = [paint_plaque(volume, grid, plaque, psf_sigma) for plaque in distractors + coronary]
+    footprints = [paint_plaque(volume, grid, plaque, psf_sigma, margin_mm=MOTION_BLUR_MM[1] / 2)
+                  for plaque in distractors + coronary]
 
     # Artifacts, noise, and the values the series stores.
     motion_slices = _apply_motion(volume, grid, anatomy, rng, footprints) if _resolve_toggle(motion, rng, 0.25) else []

@@ -261,14 +261,16 @@ def blur_reach_mm(psf_sigma_mm: float) -> float:
     return 2.5 * psf_sigma_mm
 
 
-def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque, psf_sigma_mm: float = 0.0) -> PlaqueFootprint:
+def paint_plaque(volume: np.ndarray, grid: Grid, plaque: Plaque, psf_sigma_mm: float = 0.0,
+                 margin_mm: float = 0.0) -> PlaqueFootprint:
     """Mix one plaque into the HU volume in place and return where it went.
 
     psf_sigma_mm: standard deviation of the in-plane Gaussian point spread
     function of the reconstruction. It spreads dense calcium over neighbouring
     pixels (blooming), which enlarges thresholded areas as real scans do.
+    margin_mm: extra room in the footprint's boxes for later smearing (motion blur).
     """
-    reach = plaque.radius + 2 * grid.spacing + 4 * psf_sigma_mm
+    reach = plaque.radius + 2 * grid.spacing + 4 * psf_sigma_mm + margin_mm
     low = plaque.axis[:, 2].min() - plaque.radius - grid.slice_thickness / 2
     high = plaque.axis[:, 2].max() + plaque.radius + grid.slice_thickness / 2
     footprint = PlaqueFootprint(plaque, {}, {}, {})

@@ -321,3 +321,21 @@ def test_make_case_qrm_rod_labelled_other_calcium() -> None:
     # Label 4 never enters the scores: the total equals the three density groups.
     assert result.volume_mm3["total"] == pytest.approx(
         result.volume_mm3["LAD"] + result.volume_mm3["LCX"] + result.volume_mm3["RCA"])
+
+
+@pytest.mark.parametrize("motion", [False, True])
+def test_make_case_labels_cover_whole_components(motion: bool) -> None:
+    # Without noise and metal, every 26-connected component of voxels ≥ 130 HU
+    # is either one labelled calcification or unlabelled anatomy (bone), never
+    # a calcification whose edge or motion smear was left unlabelled.
+    for seed in (0, 1, 2):
+        case = make_case(seed, burden="severe", size=256, slices=16, noise_hu=0.0, metal=False, motion=motion)
+        components, _ = ndimage.label(case.hu >= CALCIUM_THRESHOLD_HU, np.ones((3, 3, 3), bool))
+        labelled = np.unique(components[case.labels > 0])
+        partly = [c for c in labelled if (case.labels[components == c] == 0).any()]
+
+        assert len(labelled) > 0
+        assert partly == [], (seed, motion)
+        if motion:
+            # Seeds 0–2 blur slices that contain calcium, so the smear is exercised.
+            assert any((case.labels[index] > 0).any() for index in case.description["motion_slices"])
