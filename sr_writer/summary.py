@@ -60,6 +60,13 @@ MARGIN_MM = 20.0
 PANEL_BOTTOM = 0.05
 PANEL_HEIGHT = 0.43
 
+#: Lowest top edge, as a fraction of the page height, of a findings line:
+#: below it the slice panels and their titles begin.
+FINDINGS_BOTTOM = 0.53
+
+#: Height of a 12-point findings line as a fraction of the page height.
+_LINE_STEP = (12 + 8) / 960
+
 #: Overlay colour of non-coronary calcium (label 4), which scoring ignores.
 OTHER_CALCIUM_COLOR = (255, 200, 0)
 
@@ -208,8 +215,9 @@ def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentifica
         f"Study {_display_date(header.get('StudyDate'))}   accession {header.get('AccessionNumber') or '-'}   "
         f"series {header.get('SeriesNumber', '-')} {header.get('SeriesDescription', '')}"
     )
-    figure.text(0.02, 0.915, patient, color=_TEXT, fontsize=13, va="top")
-    figure.text(0.02, 0.885, study, color=_TEXT, fontsize=13, va="top")
+    # About 60 characters of 13-point text fill the left half of the page.
+    figure.text(0.02, 0.915, textwrap.shorten(patient, width=60, placeholder=" …"), color=_TEXT, fontsize=13, va="top")
+    figure.text(0.02, 0.885, textwrap.shorten(study, width=60, placeholder=" …"), color=_TEXT, fontsize=13, va="top")
     figure.text(0.52, 0.965, "AUTOMATICALLY GENERATED, NOT VERIFIED", color=_WARNING, fontsize=16, weight="bold", va="top")
     figure.text(0.52, 0.925, "A physician must review these results before clinical use.", color=_WARNING, fontsize=12, va="top")
     software = textwrap.shorten(f"{algorithm.name} {algorithm.version}, model {algorithm.model_version}", width=70)
@@ -258,29 +266,39 @@ def _draw_score_table(figure: Figure, result: ScoringResult) -> None:
 def _draw_findings(figure: Figure, result: ScoringResult) -> None:
     calibration = "scanner calibration" if result.mass_calibrated else "default factor, NOT calibrated"
     lines = [
-        (f"Risk category {_RISK_TEXT.get(result.risk_category, result.risk_category)}", 16, "bold"),
-        (f"CAC-DRS {result.cac_drs}", 16, "bold"),
-        ("", 8, "normal"),
-        (f"Threshold {result.threshold_hu:g} HU, thickness normalisation × {result.normalization_factor:.3f}", 12, "normal"),
-        (f"Mass factor {result.mass_calibration_factor:.3f} mg/cm³/HU ({calibration})", 12, "normal"),
-        ("", 8, "normal"),
+        (f"Risk category {_RISK_TEXT.get(result.risk_category, result.risk_category)}", 16, "bold", _TEXT),
+        (f"CAC-DRS {result.cac_drs}", 16, "bold", _TEXT),
+        ("", 8, "normal", _TEXT),
+        (f"Threshold {result.threshold_hu:g} HU, thickness normalisation × {result.normalization_factor:.3f}", 12, "normal", _TEXT),
+        (f"Mass factor {result.mass_calibration_factor:.3f} mg/cm³/HU ({calibration})", 12, "normal", _TEXT),
+        ("", 8, "normal", _TEXT),
     ]
     messages = [flag.message for flag in result.flags]
     if "MASS_UNCALIBRATED" in protocol_flag_codes(result) and not any(f.code == "MASS_UNCALIBRATED" for f in result.flags):
         messages.append("Mass computed with the default calibration factor, not the scanner's own.")
-    if messages:
-        lines.append(("Protocol flags:", 13, "bold"))
-        for message in messages:
-            for number, part in enumerate(textwrap.wrap(message, width=62)):
-                lines.append((("• " if number == 0 else "  ") + part, 12, "normal"))
-    else:
-        lines.append(("Protocol flags: none", 13, "bold"))
+    lines.append(("Protocol flags:" if messages else "Protocol flags: none", 13, "bold", _WARNING if messages else _TEXT))
 
     y = 0.84
-    for text, size, weight in lines:
-        color = _WARNING if text.startswith(("Protocol flags:", "• ", "  ")) and messages else _TEXT
-        figure.text(0.52, y, _drawable(text), color=color, fontsize=size, weight=weight, va="top")
-        y -= (size + 8) / PAGE_SIZE[1]
+    for text, size, weight, color in lines:
+        y = _draw_line(figure, y, text, size, weight, color)
+
+    # Each flag is a bullet of wrapped lines. Flags that would run into the
+    # slice panels are counted on one last line instead; the SR lists them all.
+    for position, message in enumerate(messages):
+        wrapped = textwrap.wrap(message, width=62) or [""]
+        remaining = len(messages) - position
+        needed = len(wrapped) + (1 if remaining > 1 else 0)
+        if y - needed * _LINE_STEP < FINDINGS_BOTTOM:
+            _draw_line(figure, y, f"… {remaining} more flag(s), coded in the SR", 12, "bold", _WARNING)
+            return
+        for number, part in enumerate(wrapped):
+            y = _draw_line(figure, y, ("• " if number == 0 else "  ") + part, 12, "normal", _WARNING)
+
+
+def _draw_line(figure: Figure, y: float, text: str, size: int, weight: str, color: str) -> float:
+    """Draw one line of the findings column with its top at `y`; return the top of the next line."""
+    figure.text(0.52, y, _drawable(text), color=color, fontsize=size, weight=weight, va="top")
+    return y - (size + 8) / PAGE_SIZE[1]
 
 
 def _draw_slices(

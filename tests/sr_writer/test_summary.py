@@ -11,6 +11,8 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from scoring.errors import LabelError
 from sr_writer import AlgorithmIdentification, build_summary_image
 from sr_writer.seg import ARTERY_COLORS
+from scoring.volume import ProtocolFlag
+from sr_writer import summary as summary_module
 from sr_writer.seg import scored_labels
 from sr_writer.summary import PAGE_SIZE, PANEL_BOTTOM, PANEL_HEIGHT, crop_window, slices_with_most_calcium
 from tests.dicom_validation import assert_dciodvfy_clean
@@ -112,6 +114,35 @@ def test_build_summary_image_cjk_name_no_glyph_warning(recwarn):
     glyph_warnings = [str(warning.message) for warning in recwarn if "Glyph" in str(warning.message)]
     assert glyph_warnings == []
     assert str(image.PatientName) == "山田^太郎"
+
+
+def test_build_summary_image_many_flags_counted(monkeypatch):
+    case = make_case()
+    flags = tuple(
+        ProtocolFlag(code, f"flag {number}: " + "a long explanation of the deviation " * 3)
+        for number, code in enumerate(("KVP", "SLICE_THICKNESS", "SLICE_INCREMENT", "CONTRAST", "BODY_PART"))
+    )
+    result = type(case.result)(**{**case.result.__dict__, "flags": flags})
+    drawn: list[str] = []
+    original = summary_module._draw_line
+
+    def record(figure, y, text, size, weight, color):
+        drawn.append(text)
+        assert y >= summary_module.FINDINGS_BOTTOM, text
+        return original(figure, y, text, size, weight, color)
+
+    monkeypatch.setattr(summary_module, "_draw_line", record)
+    build_summary_image(
+        case.volume, case.labels, result, algorithm=ALGORITHM, uid_root=TEST_UID_ROOT, device_serial_number=SERIAL
+    )
+
+    # Flag lines start at y = 0.693 of the page (the lines above take 0.147).
+    # Each flag wraps to 2 lines of 20/960 = 0.0208, and a flag is drawn only
+    # when it and one overflow line end above 0.53: flags 0, 1 and 2 fit. The
+    # other 3 (flags 3 and 4, and the uncalibrated mass) are counted.
+    bullets = [text for text in drawn if text.startswith("• ")]
+    assert [text[:10] for text in bullets] == ["• flag 0: ", "• flag 1: ", "• flag 2: "]
+    assert drawn[-1] == "… 3 more flag(s), coded in the SR"
 
 
 def test_slices_with_most_calcium_ranks_coronary_voxels():
