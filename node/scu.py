@@ -308,7 +308,17 @@ def send_with_retries(
     SendReport
         The last result of every file, with `attempts` set to the number of
         associations requested.
+
+    Raises
+    ------
+    ValueError
+        If `destination.max_attempts` is below 1.
     """
+    if destination.max_attempts < 1:
+        raise ValueError(
+            f"destination {destination.name!r} has max_attempts = {destination.max_attempts}; "
+            "expected 1 or more, so that the files are sent at least once"
+        )
     paths = [Path(path) for path in files]
     latest: dict[Path, InstanceSendResult] = {}
     pending = list(paths)

@@ -517,6 +517,15 @@ def test_send_with_retries_stop_event_ends_retrying(tmp_path: Path) -> None:
     assert not report.all_sent
 
 
+def test_send_with_retries_zero_attempts_raises(tmp_path: Path) -> None:
+    path, _ = _write_object(tmp_path, COMPREHENSIVE_3D_SR_STORAGE)
+
+    with pytest.raises(ValueError, match="has max_attempts = 0; expected 1 or more"):
+        send_with_retries(
+            [path], _destination(104, max_attempts=0), calling_ae_title="CACS_NODE", node_section=NODE_SECTION
+        )
+
+
 def test_echo_running_scp_succeeds(start_scp) -> None:
     scp = start_scp()
 
