@@ -136,8 +136,8 @@ def build_summary_image(
         manufacturer=_MANUFACTURER,
     )
     image.PatientOrientation = None
-    # An unpaired body part makes the Type 2C Laterality unnecessary;
-    # dciodvfy reports its absence when BodyPartExamined is missing.
+    # With an unpaired body part dciodvfy does not require the Type 2C
+    # Laterality, which it reports as missing when BodyPartExamined is absent.
     image.BodyPartExamined = "HEART"
 
     # Patient and Study modules verbatim from the source, and deterministic naming.
