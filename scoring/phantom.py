@@ -508,8 +508,9 @@ def make_case(
     # Calcium: distractors first, then the coronary plaques, kept apart from each other.
     chosen_burden = "zero" if zero_calcium else (burden or choose_burden(rng))
     # Blurred plaques stay apart, so no two footprints overlap, and stay off bone.
+    # A footprint reaches the blur reach plus the one-pixel edge and one pixel of margin.
     psf_sigma = float(rng.uniform(*PSF_SIGMA_MM))
-    clearance = 1.0 + 2 * blur_reach_mm(psf_sigma)
+    clearance = 1.0 + 2 * (blur_reach_mm(psf_sigma) + 2 * spacing)
 
     def accept(plaque: Plaque) -> bool:
         return clear_of_bone(volume, grid, plaque, margin_mm=1.5 + blur_reach_mm(psf_sigma) + MOTION_BLUR_MM[1] / 2)

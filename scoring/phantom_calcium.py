@@ -43,9 +43,9 @@ class BurdenClass:
 #: Burden classes, chosen so that every Agatston risk category occurs across seeds.
 BURDEN_CLASSES: dict[str, BurdenClass] = {
     "zero": BurdenClass(0.18, (0, 0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)),
-    "minimal": BurdenClass(0.17, (1, 3), (0.3, 1.2), (0.0, 3.0), (150.0, 450.0)),
+    "minimal": BurdenClass(0.12, (1, 3), (0.3, 1.2), (0.0, 3.0), (150.0, 450.0)),
     "mild": BurdenClass(0.2, (2, 5), (0.5, 1.3), (0.0, 4.0), (160.0, 700.0)),
-    "moderate": BurdenClass(0.23, (3, 7), (0.8, 1.6), (1.0, 6.0), (200.0, 800.0)),
+    "moderate": BurdenClass(0.28, (4, 8), (0.8, 1.7), (1.0, 7.0), (200.0, 800.0)),
     "severe": BurdenClass(0.22, (6, 16), (0.9, 2.4), (1.5, 14.0), (250.0, 1300.0)),
 }
 
