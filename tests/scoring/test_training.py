@@ -92,38 +92,47 @@ def test_training_config_unknown_weighting_raises():
         training.TrainingConfig(weighting="dynamic")
 
 
-def _batch_loss(module: training.TrainingModule, batch: training.Batch) -> float:
-    module.eval()
-    with torch.no_grad():
-        total, _, _ = module(batch.inputs, batch.labels, batch.regions)
-    module.train()
-    return float(total)
+def _task_losses(module: training.TrainingModule, batch: training.Batch) -> tuple[float, float]:
+    """Region and lesion loss in training mode with a fixed dropout mask.
+
+    Training mode keeps batch norm on batch statistics, so the comparison is
+    not blurred by running statistics that lag behind a few steps.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        with torch.no_grad():
+            _, region_part, lesion_part = module(batch.inputs, batch.labels, batch.regions)
+    return float(region_part), float(lesion_part)
 
 
 def test_training_steps_on_tiny_phantom_lower_the_loss():
     from scoring import phantom
 
     torch.manual_seed(0)
-    case = phantom.make_case(3, size=256, slices=6, burden="severe")
+    case = phantom.make_case(7, size=256, slices=6, burden="severe")
     mapping = training.phantom_region_mapping()
     regions = training.region_target_from_annotation(case.regions, mapping)
-    training_case = training.TrainingCase.from_arrays("phantom-3", case.hu, case.labels, regions)
+    training_case = training.TrainingCase.from_arrays("phantom-7", case.hu, case.labels, regions)
     sampler = training.HybridSampler([training_case], 256, 0.5, 0, np.random.default_rng(0))
-    batch = sampler.sample(2)
+    batch = sampler.sample(2).to(torch.device("cpu"))
+    assert int(batch.lesion_target.sum()) > 0, "the batch must hold coronary calcium"
+
+    torch.manual_seed(0)
     module = training.make_training_module(training.TrainingConfig())
     module = module.to(memory_format=torch.channels_last)
-    batch = batch.to(torch.device("cpu"))
     optimizer = torch.optim.Adam(module.parameters(), lr=5e-4)
-    before = _batch_loss(module, batch)
+    region_before, lesion_before = _task_losses(module, batch)
     for _ in range(8):
         optimizer.zero_grad()
         total, _, _ = module(batch.inputs, batch.labels, batch.regions)
         total.backward()
         optimizer.step()
-    after = _batch_loss(module, batch)
-    # Eight Adam steps on one fixed batch; a working loss and gradient roughly
-    # halve it (measured: about 0.7 → 0.2 with torch 2.13 on the CPU).
-    assert after < 0.7 * before
+    region_after, lesion_after = _task_losses(module, batch)
+
+    # Eight Adam steps on one fixed batch. Measured with torch 2.13 on the CPU:
+    # region 0.0073 → 0.0019 and lesion 0.0012 → 0.00002; halving is a loose bound.
+    assert region_after < 0.5 * region_before
+    assert lesion_after < 0.5 * lesion_before
 
 
 def test_train_then_resume_continues_epochs_and_writes_metadata(tmp_path: Path):
