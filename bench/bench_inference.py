@@ -4,10 +4,11 @@ Run by hand, not in CI:
 
     python bench/bench_inference.py --seeds 2000-2002 --slices 50 --threads 2
 
-For each phantom seed it segments the same volume with every variant and
-prints milliseconds per slice, the ratio against the plain fp32 baseline
-measured in the same run, the number of voxels whose label differs from the
-baseline, and the total Agatston score and risk category of each variant.
+For each phantom seed it segments the same volume with every variant. It
+prints milliseconds per slice and the ratio against the plain fp32 baseline
+measured in the same run. It also prints the number of voxels whose label
+differs from the baseline, and each variant's total Agatston score and risk
+category.
 The last lines give the largest Agatston difference from the baseline and
 whether any risk category changed.
 

@@ -41,7 +41,7 @@ class CheckpointError(ValueError):
 
 
 def input_normalisation() -> dict[str, Any]:
-    """The input convention the weights were trained with, stored in every checkpoint."""
+    """Describe the input convention of the weights, for the metadata of every checkpoint."""
     return {
         "channels": ["(HU + 2000) / 3300 after HU below -2048 is set to -2048", "HU >= 130"],
         "hu_offset": model_module.HU_OFFSET,

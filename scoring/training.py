@@ -168,7 +168,7 @@ class TrainingConfig:
 
 @dataclass
 class TrainingOutcome:
-    """What a training run produced."""
+    """Checkpoint paths, epochs and validation history of a finished training run."""
 
     checkpoint_path: Path
     best_checkpoint_path: Path
@@ -237,11 +237,11 @@ REGION_MAP_NAMES: tuple[str, ...] = (
 def folder_cases(root: Path) -> list[TrainingCase]:
     """Load every annotated series under `root`.
 
-    Layout (the one `cacs-node phantom` writes): each case is a folder holding
-    `dicom/` (the series), `labels.*` (CAC labels: NRRD, NIfTI or a DICOM SEG
-    with one segment per artery) and `regions.*` (CAR scribbles in the
-    phantom's value convention; from a DICOM SEG, the artery segments and an
-    OTHER segment, which becomes OTHER_CAR).
+    Layout (the one `cacs-node phantom` writes): each case is a folder with
+    `dicom/` (the series), `labels.*` and `regions.*`. The CAC labels may be
+    NRRD, NIfTI or a DICOM SEG with one segment per artery. The CAR scribbles
+    use the phantom's values in NRRD or NIfTI. In a DICOM SEG they are the
+    artery segments plus an OTHER segment, which becomes OTHER_CAR.
     Raises FileNotFoundError when no case folder is found.
     """
     from scoring.labels import read_label_map
@@ -351,10 +351,10 @@ class HybridSampler:
 
     Each batch slice comes from the calcium pool with probability
     `calcium_fraction` (from the other slices otherwise). A calcium crop is
-    centred on a random coronary calcium pixel, any other crop on the centre
-    of the slice's CAR annotation (the image centre when there is none); the
-    centre is then moved by a random translation of up to `max_shift` pixels
-    in each direction and kept inside the image.
+    centred on a random coronary calcium pixel. Any other crop is centred on
+    the centre of the slice's CAR annotation, or the image centre when there
+    is none. The centre then moves by a random translation of up to
+    `max_shift` pixels in each direction and stays inside the image.
     """
 
     def __init__(
@@ -380,7 +380,7 @@ class HybridSampler:
                 pool = self.calcium_pool if slice_index in calcium else self.other_pool
                 pool.append((case_index, slice_index))
         if not self.calcium_pool:
-            logger.warning("no training slice holds coronary calcium; every crop is negative")
+            logger.warning("no training slice contains coronary calcium; every crop is negative")
 
     def _draw_slice(self) -> tuple[int, int, bool]:
         use_calcium = bool(self.calcium_pool) and (
@@ -431,7 +431,7 @@ class HybridSampler:
 def validation_batches(
     cases: Sequence[TrainingCase], crop_size: int, seed: int, crops: int = 32, batch_size: int = 8
 ) -> list[Batch]:
-    """A fixed validation set: `crops` crops drawn once with the hybrid sampler at 50 % calcium.
+    """Draw a fixed validation set of `crops` crops with the hybrid sampler at 50 % calcium.
 
     The same seed gives the same crops, so validation F1 is comparable across epochs.
     """
@@ -644,7 +644,7 @@ def train(
         _check_architecture(source, config)
         if source.training_state is None:
             raise checkpoint_module.CheckpointError(
-                f"{resume} holds no training state (an exported model); use --continue-from"
+                f"{resume} contains no training state (an exported model); use --continue-from"
             )
         module.network.load_state_dict(source.state_dict)
         training_state = source.training_state

@@ -38,7 +38,7 @@ def test_focal_loss_ignored_pixel_leaves_value_unchanged():
     assert loss.item() == pytest.approx(0.0160950012, rel=1e-8)
 
 
-def test_focal_loss_ignored_pixel_with_negative_target_is_accepted():
+def test_focal_loss_negative_ignored_target_accepted():
     # Region targets mark unlabelled pixels with -1; they must not index the weights.
     logits = _logits_from_probabilities([[0.3, 0.7], [0.5, 0.5]])
     target = torch.tensor([[[1, -1]]])
@@ -55,7 +55,7 @@ def test_focal_loss_gamma_zero_equals_weighted_cross_entropy():
     assert loss.item() == pytest.approx((0.01 * 0.2231435513 + 0.3566749439) / 2, rel=1e-8)
 
 
-def test_focal_loss_no_valid_pixel_returns_zero_with_gradient():
+def test_focal_loss_no_valid_pixel_is_zero():
     logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
     target = torch.zeros(1, 2, 2, dtype=torch.long)
     loss = losses.focal_loss(logits, target, (0.01, 1.0), valid=torch.zeros(1, 2, 2, dtype=bool))

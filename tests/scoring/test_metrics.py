@@ -22,7 +22,7 @@ def test_binary_voxel_counts_artery_mixup_still_true_positive():
     assert counts.f1 == pytest.approx(0.8)  # 2·2 / (2·2 + 1 + 0)
 
 
-def test_multiclass_counts_wrong_artery_is_false_positive_and_false_negative():
+def test_multiclass_counts_wrong_artery_counts_twice():
     truth = np.array([[[1, 2, 0, 3]]], dtype=np.uint8)
     predicted = np.array([[[2, 2, 3, 0]]], dtype=np.uint8)
     counts = metrics.multiclass_counts(predicted, truth)
@@ -41,7 +41,7 @@ def test_region_micro_f1_excludes_other_car_and_unlabelled():
     assert metrics.region_micro_f1(predicted, target) == pytest.approx(2 / 5)
 
 
-def test_f1_nothing_to_find_and_nothing_found_is_one():
+def test_f1_empty_prediction_and_truth_is_one():
     counts = metrics.binary_voxel_counts(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)))
     assert counts.f1 == 1.0
     assert math.isnan(counts.ppv)

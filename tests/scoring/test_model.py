@@ -25,7 +25,7 @@ def _up(in_channels: int, out_channels: int) -> int:
 
 
 def _expected_multitask_parameters() -> int:
-    """Count from the layer list of the paper's network, independent of scoring.model."""
+    """Count the parameters from the layer list of Föllmer et al. 2022, independent of scoring.model."""
     encoder = [16, 32, 32, 64, 64, 64, 128, 128]
     levels = [16] + encoder  # stem output, then levels 1..8
     total = _conv(2, 16, 5) + _conv(16, 16, 5)
@@ -50,7 +50,7 @@ def _expected_multitask_parameters() -> int:
 def test_multitask_unet_parameter_count_matches_layer_list():
     network = model.MultiTaskUNet()
     count = model.count_parameters(network)
-    # 3,109,130 from the layer list above: "about 3.1 million" in the paper.
+    # 3,109,130 from the layer list above; Föllmer et al. 2022 give "about 3.1 million".
     assert count == _expected_multitask_parameters()
     assert count == 3_109_130
 

@@ -62,7 +62,7 @@ def test_hybrid_sampler_fraction_one_draws_only_calcium_slices():
     sampler = training.HybridSampler([_synthetic_case()], 256, 1.0, 16, np.random.default_rng(0))
     batch = sampler.sample(4)
     assert batch.inputs.shape == (4, 2, 256, 256)
-    # Every crop is centred near the lesion, so each holds its 16 LAD pixels.
+    # Every crop is centred near the lesion, so each contains its 16 LAD pixels.
     assert batch.lesion_target.sum(dim=(1, 2)).tolist() == [16, 16, 16, 16]
 
 
