@@ -7,12 +7,12 @@ at every level receives the region decoder's feature map, so features flow
 from T_R to T_L and never back.
 
 Layer facts follow the paper and the authors' public inference code
-(github.com/Berni1557/MTAL-CACS, src/model.py): a stem of two 5 × 5
-convolutions to 16 channels, eight stride-2 down blocks with 16, 32, 32, 64,
-64, 64, 128, 128 channels, dropout 0.5 on the bottleneck, eight bilinear up
-blocks mirroring the encoder, LeakyReLU(0.2) everywhere, and about 3.1 million
-parameters in the multi-task network. Input sides must be multiples of 256
-because eight stride-2 steps halve them eight times.
+(github.com/Berni1557/MTAL-CACS, src/model.py). The stem has two 5 × 5
+convolutions to 16 channels. Eight stride-2 down blocks have 16, 32, 32, 64,
+64, 64, 128 and 128 channels, with dropout 0.5 on the bottleneck. Eight
+bilinear up blocks mirror the encoder. Every activation is LeakyReLU(0.2),
+and the multi-task network has about 3.1 million parameters. Input sides
+must be multiples of 256 because eight stride-2 steps halve them eight times.
 
 The networks return logits. Softmax is left to the caller (the losses use
 log-softmax, inference takes the argmax, which is the same with or without
@@ -184,10 +184,11 @@ class Decoder(nn.Module):
     """Eight up blocks from the bottleneck back to full resolution.
 
     At each level the up block concatenates the upsampled output of the level
-    below with the encoder feature map of that level, plus, when given, the
-    extra tensors for that level (the region decoder's outputs for the lesion
-    decoder, and the raw input at the last level). Output channels mirror the
-    encoder: 128, 64, 64, 64, 32, 32, 16, then `last_channels`.
+    below with the encoder feature map of that level. When `extras` is given,
+    its tensors for that level join the concatenation: the lesion decoder gets
+    the region decoder's outputs there, and the raw input at the last level.
+    Output channels mirror the encoder: 128, 64, 64, 64, 32, 32, 16, then
+    `last_channels`.
     Returns the list of the eight up-block outputs, coarsest first.
     """
 
