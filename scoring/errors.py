@@ -43,3 +43,11 @@ class MissingUIDError(SeriesError):
 
 class DamagedInstanceError(SeriesError):
     """A DICOM file of the input cannot be read completely, so a slice may be missing unnoticed."""
+
+
+class InconsistentIdentityError(SeriesError):
+    """Instances of one series disagree on PatientID, PatientName, StudyInstanceUID or FrameOfReferenceUID.
+
+    Such a series may mix two patients or two scans, so it is never scored.
+    The message names SOPInstanceUIDs and value counts, never the patient values.
+    """

@@ -22,7 +22,10 @@ Steps of `load_series`:
    only one, else the one whose nominal SliceThickness is closest to 3.0 mm.
    A tie raises AmbiguousSeriesError naming every tied series. Series are
    never mixed.
-5. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
+5. Check that the chosen instances share PatientID, PatientName,
+   StudyInstanceUID and FrameOfReferenceUID (`check_identity`), else raise
+   InconsistentIdentityError: such a series may mix two patients.
+6. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
    pixels and convert to HU (`scoring.dicom_pixels`), and check the protocol
    (`scoring.protocol`).
 """
@@ -54,6 +57,7 @@ from scoring.dicom_pixels import (
 from scoring.errors import (
     AmbiguousSeriesError,
     DamagedInstanceError,
+    InconsistentIdentityError,
     MissingUIDError,
     NoEligibleSeriesError,
     SeriesError,
@@ -94,6 +98,16 @@ _HEADER_DEFER_SIZE = "1 KB"
 NO_SERIES_UID = "(no SeriesInstanceUID)"
 
 DicomSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Dataset]
+
+#: Attributes every instance of a series must share. A disagreement may mean
+#: that two patients or two scans were mixed under one SeriesInstanceUID.
+IDENTITY_KEYWORDS = ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID")
+
+#: Attributes whose values are kept out of messages and logs.
+_PATIENT_KEYWORDS = frozenset({"PatientID", "PatientName"})
+
+#: Largest number of SOPInstanceUIDs named in an identity error.
+_MAX_NAMED_INSTANCES = 5
 
 
 @dataclass
@@ -367,6 +381,43 @@ def select_series(summaries: Sequence[SeriesSummary], series_instance_uid: str |
     return tied[0]
 
 
+def check_identity(instances: Sequence[Dataset], series: str) -> None:
+    """Raise InconsistentIdentityError when the instances disagree on an IDENTITY_KEYWORDS attribute.
+
+    A missing or empty value counts as a value of its own. The message gives
+    how many instances carry each value and names the SOPInstanceUIDs of
+    those outside the largest group. It never contains PatientID or
+    PatientName values, because error messages reach the node's logs.
+    """
+    for keyword in IDENTITY_KEYWORDS:
+        by_value: dict[str, list[Dataset]] = {}
+        for dataset in instances:
+            by_value.setdefault(str(dataset.get(keyword, "") or ""), []).append(dataset)
+        if len(by_value) < 2:
+            continue
+
+        # Largest group first; equal groups keep the order in which they were found.
+        groups = sorted(by_value.items(), key=lambda item: -len(item[1]))
+        counts = ", ".join(str(len(group)) for _, group in groups)
+        if keyword in _PATIENT_KEYWORDS:
+            values = f"{len(groups)} different values ({counts} instances)"
+        else:
+            shown = ", ".join(f"{value or '(missing)'} in {len(group)}" for value, group in groups)
+            values = f"{len(groups)} different values ({shown} instances)"
+        outliers = [dataset for _, group in groups[1:] for dataset in group]
+        named = ", ".join(
+            str(dataset.get("SOPInstanceUID", "") or "(no SOPInstanceUID)")
+            for dataset in outliers[:_MAX_NAMED_INSTANCES]
+        )
+        more = f" and {len(outliers) - _MAX_NAMED_INSTANCES} more" if len(outliers) > _MAX_NAMED_INSTANCES else ""
+        raise InconsistentIdentityError(
+            f"series {series} has {len(instances)} instances with {values} of {keyword}, "
+            f"so it may mix two patients or scans; instances outside the largest group: {named}{more}; "
+            "check the series at the scanner or PACS, remove the instances that do not belong, "
+            "and re-send the series"
+        )
+
+
 def _slice_records(instances: Sequence[_Instance]) -> list[SliceRecord]:
     records: list[SliceRecord] = []
     for index, instance in enumerate(instances):
@@ -437,6 +488,7 @@ def load_series(
     Raises (all SeriesError subclasses, messages name the values involved):
     NoEligibleSeriesError (no CT series, or the requested one is absent),
     AmbiguousSeriesError (several equally suited series),
+    InconsistentIdentityError (instances disagree on patient, study or frame of reference),
     InconsistentGeometryError (rows, columns, orientation or spacing differ),
     SliceSpacingError (gap, duplicate position, gantry tilt, single slice),
     PixelDataError (missing rescale, lossy or undecodable pixels),
@@ -458,6 +510,8 @@ def load_series(
     series = chosen.series_instance_uid
     instances = groups[series]
     logger.info("loading series %s: %d instances, %d images", series, chosen.instance_count, chosen.image_count)
+
+    check_identity([instance.dataset for instance in instances], series)
 
     # Reject lossy pixels before any decoding work.
     for instance in instances:

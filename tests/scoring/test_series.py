@@ -31,6 +31,7 @@ from scoring.errors import (
     AmbiguousSeriesError,
     DamagedInstanceError,
     InconsistentGeometryError,
+    InconsistentIdentityError,
     MissingUIDError,
     NoEligibleSeriesError,
     PixelDataError,
@@ -233,6 +234,55 @@ def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, erro
         load_series(tmp_path)
 
 
+# --- patient, study and frame of reference identity ------------------------------
+
+
+def test_load_series_patient_id_differs_raises_without_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    datasets = make_series_dir(tmp_path, _tissue_hu(slices=4), uid_seed="identity")
+    odd = sorted(tmp_path.iterdir())[2]
+    edited = pydicom.dcmread(odd)
+    edited.PatientID = "OTHER-PATIENT-4711"
+    edited.save_as(odd)
+    caplog.set_level(logging.DEBUG)
+
+    with pytest.raises(
+        InconsistentIdentityError,
+        match=(
+            r"has 4 instances with 2 different values \(3, 1 instances\) of PatientID, "
+            rf"so it may mix two patients or scans; instances outside the largest group: {edited.SOPInstanceUID}; "
+            r"check the series at the scanner or PACS"
+        ),
+    ) as raised:
+        load_series(tmp_path)
+    assert "OTHER-PATIENT-4711" not in str(raised.value)
+    assert str(datasets[0].PatientID) not in str(raised.value)
+    assert "OTHER-PATIENT-4711" not in caplog.text
+
+
+@pytest.mark.parametrize("keyword", ["PatientName", "StudyInstanceUID", "FrameOfReferenceUID"])
+def test_load_series_identity_attribute_differs_raises(keyword: str) -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=3))
+    setattr(datasets[0], keyword, "1.2.3.4" if keyword != "PatientName" else "Other^Patient")
+    with pytest.raises(InconsistentIdentityError, match=rf"2 different values .* of {keyword}") as raised:
+        load_series(datasets)
+    assert datasets[0].SOPInstanceUID in str(raised.value)
+    assert "Other^Patient" not in str(raised.value)
+
+
+def test_load_series_frame_of_reference_missing_counted_as_value() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=3))
+    frame_of_reference = datasets[0].FrameOfReferenceUID
+    del datasets[1].FrameOfReferenceUID
+    # UIDs are not patient identifiers, so they are named with their counts: 2 carry it, 1 lacks it.
+    with pytest.raises(
+        InconsistentIdentityError,
+        match=rf"3 instances with 2 different values \({frame_of_reference} in 2, \(missing\) in 1 instances\)",
+    ):
+        load_series(datasets)
+
+
 # --- slice spacing and geometry errors ---------------------------------------
 
 
@@ -278,7 +328,9 @@ def test_load_series_mismatched_rows_raises() -> None:
     other = build_ct_datasets(
         _tissue_hu(slices=1, rows=16),
         origin=(0.0, 0.0, 9.0),
+        study_instance_uid=datasets[0].StudyInstanceUID,
         series_instance_uid=datasets[0].SeriesInstanceUID,
+        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
     )
     with pytest.raises(InconsistentGeometryError, match=r"slice at \[0, 0, 9\] has 16 x 32 pixels"):
         load_series(datasets + other)
