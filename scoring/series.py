@@ -3,7 +3,10 @@
 Steps of `load_series`:
 
 1. Read every file's header (pixel data deferred, not read). Files that are
-   not DICOM are dropped with a logged reason.
+   not DICOM are dropped with a logged reason. A file shorter than the
+   132-byte preamble and DICM prefix is damaged, not dropped, when its
+   suffix is .dcm, .dicom or .ima, or when it has no suffix or a digits-only
+   suffix and sits in a folder with DICOM files (`_check_short_files`).
 2. Keep instances of CT Image Storage, Enhanced CT Image Storage and Legacy
    Converted Enhanced CT Image Storage that are not localizers (ImageType
    LOCALIZER) and are axial (slice normal within AXIAL_MAX_OBLIQUITY_DEG of
@@ -94,6 +97,12 @@ PREFERRED_SLICE_THICKNESS_MM = 3.0
 #: Pixel data is not read while headers are scanned; values larger than this are deferred.
 _HEADER_DEFER_SIZE = "1 KB"
 
+#: Length of the 128-byte preamble plus "DICM"; a shorter file cannot be a DICOM file.
+DICOM_PREFIX_END = 132
+
+#: File name suffixes (lower case) that mark a file as DICOM, so a short one is damaged.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".ima"})
+
 #: Group name of instances that have no SeriesInstanceUID.
 NO_SERIES_UID = "(no SeriesInstanceUID)"
 
@@ -119,6 +128,8 @@ class _Instance:
     sop_class_from_file_meta: bool = False
     #: True for Datasets passed in by the caller, whose elements must not be shared.
     caller_owned: bool = False
+    #: The file read, None for a Dataset passed in by the caller.
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -169,11 +180,20 @@ def _instance_name(dataset: Dataset, fallback: str) -> str:
     return f"instance {uid}" if uid else fallback
 
 
-def _read_file(path: Path, drops: _DropLog) -> _Instance | None:
+def _read_file(path: Path, drops: _DropLog, short_files: list[Path]) -> _Instance | None:
+    """Read one file's header; return None for a file that is not DICOM.
+
+    A file too short for the preamble and "DICM" is appended to `short_files`
+    instead of being dropped, so that `_check_short_files` can decide whether
+    it is a damaged slice.
+    """
     try:
         dataset = pydicom.dcmread(path, defer_size=_HEADER_DEFER_SIZE)
     except InvalidDicomError:
-        drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
+        if path.stat().st_size < DICOM_PREFIX_END:
+            short_files.append(path)
+        else:
+            drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
         return None
     except (OSError, EOFError, ValueError) as error:
         raise DamagedInstanceError(
@@ -184,7 +204,45 @@ def _read_file(path: Path, drops: _DropLog) -> _Instance | None:
         raise DamagedInstanceError(
             f"file {path} has a DICOM prefix but no data elements; remove the file or re-send the series"
         )
-    return _make_instance(dataset, _instance_name(dataset, f"file {path}"))
+    instance = _make_instance(dataset, _instance_name(dataset, f"file {path}"))
+    instance.path = path
+    return instance
+
+
+def _is_slice_file_name(path: Path) -> bool:
+    """Return True for names that scanners and PACS give to DICOM slice files.
+
+    These are names without a suffix, with a digits-only suffix (a name made
+    of a UID such as 1.2.840.113619.2.55.3.1234) or with a DICOM_SUFFIXES
+    suffix. DICOMDIR is excluded because it is a directory file, not a slice.
+    """
+    if path.name.upper() == "DICOMDIR":
+        return False
+    suffix = path.suffix.lower()
+    return suffix == "" or suffix[1:].isdigit() or suffix in DICOM_SUFFIXES
+
+
+def _check_short_files(short_files: Sequence[Path], instances: Sequence[_Instance], drops: _DropLog) -> None:
+    """Raise DamagedInstanceError for a short file that is likely a damaged slice; drop the others.
+
+    A file shorter than the preamble and "DICM" is damaged when its suffix is
+    in DICOM_SUFFIXES, or when it has a slice file name and sits in a folder
+    with files read as DICOM. Any other short file (an empty README.txt) is
+    dropped with a logged reason.
+    """
+    dicom_folders = {instance.path.parent for instance in instances if instance.path is not None}
+    for path in short_files:
+        size = path.stat().st_size
+        beside_dicom = path.parent in dicom_folders and _is_slice_file_name(path)
+        if path.suffix.lower() in DICOM_SUFFIXES or beside_dicom:
+            has_suffix = path.suffix.lower() in DICOM_SUFFIXES
+            where = "has a DICOM file name suffix" if has_suffix else "sits beside DICOM files"
+            raise DamagedInstanceError(
+                f"file {path} {where} but has only {size} bytes; a DICOM file has at least "
+                f"{DICOM_PREFIX_END} (preamble and DICM prefix); the file is empty or truncated, so a "
+                "slice may be missing; re-send the series, or remove the file if it is not a slice"
+            )
+        drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
 
 
 def _make_instance(dataset: Dataset, name: str) -> _Instance:
@@ -223,6 +281,7 @@ def _read_source(source: DicomSource, drops: _DropLog) -> list[_Instance]:
         )
 
     instances = []
+    short_files: list[Path] = []
     for index, item in enumerate(items):
         if isinstance(item, Dataset):
             instance = _make_instance(item, _instance_name(item, f"dataset #{index}"))
@@ -231,11 +290,12 @@ def _read_source(source: DicomSource, drops: _DropLog) -> list[_Instance]:
         elif isinstance(item, (str, os.PathLike)):
             path = Path(item)
             for file_path in _source_paths(path):
-                instance = _read_file(file_path, drops)
+                instance = _read_file(file_path, drops, short_files)
                 if instance is not None:
                     instances.append(instance)
         else:
             raise TypeError(f"source item #{index} is a {type(item).__name__}; expected a file path or a Dataset")
+    _check_short_files(short_files, instances, drops)
     return instances
 
 

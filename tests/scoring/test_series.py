@@ -234,6 +234,42 @@ def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, erro
         load_series(tmp_path)
 
 
+@pytest.mark.parametrize("kept_bytes", [0, 100], ids=["empty", "100-bytes"])
+def test_load_series_short_dcm_file_raises(tmp_path: Path, kept_bytes: int) -> None:
+    make_series_dir(tmp_path, blank_hu(slices=3), uid_seed="short")
+    damaged = sorted(tmp_path.iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:kept_bytes])
+    # 132 bytes = the 128-byte preamble plus "DICM".
+    with pytest.raises(
+        DamagedInstanceError,
+        match=rf"file .*{damaged.name} has a DICOM file name suffix but has only {kept_bytes} bytes; "
+        r"a DICOM file has at least 132 \(preamble and DICM prefix\)",
+    ):
+        load_series(tmp_path)
+
+
+def test_load_series_short_uid_named_file_beside_slices_raises(tmp_path: Path) -> None:
+    datasets = make_series_dir(tmp_path / "series", blank_hu(slices=3), uid_seed="short-uid")
+    damaged = tmp_path / "series" / f"{datasets[2].SOPInstanceUID}.dcm"
+    renamed = damaged.with_suffix("")  # a UID name: its last component "1234" reads as a digits-only suffix
+    damaged.rename(renamed)
+    renamed.write_bytes(b"")
+    with pytest.raises(DamagedInstanceError, match=rf"{renamed.name} sits beside DICOM files but has only 0 bytes"):
+        load_series(tmp_path)
+
+
+def test_load_series_short_non_dicom_files_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_series_dir(tmp_path / "series", blank_hu(slices=3), uid_seed="short-other")
+    (tmp_path / "series" / "README.txt").write_bytes(b"")
+    (tmp_path / "series" / "DICOMDIR").write_bytes(b"")
+    (tmp_path / "notes").write_bytes(b"x" * 10)  # no DICOM file in tmp_path itself
+    caplog.set_level(logging.INFO, logger="scoring.series")
+    volume = load_series(tmp_path)
+    assert volume.shape[0] == 3
+    # README.txt, DICOMDIR and notes are logged on one line for their shared reason.
+    assert "dropped 3 input(s): not a DICOM file (no DICM prefix)" in caplog.text
+
+
 # --- patient, study and frame of reference identity ------------------------------
 
 
