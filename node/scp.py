@@ -4,11 +4,19 @@ Association requests are checked in this order, each rejection logged with
 the peer address and both AE titles (A-ASSOCIATE-RJ result, source, reason as
 in PS3.8 section 9.3.4):
 
-1. more than `max_associations` associations → (2, 3, 2) transient, local limit exceeded;
-2. called AE title differs from `[node] ae_title` (case-sensitive; pynetdicom
+1. called AE title differs from `[node] ae_title` (case-sensitive; pynetdicom
    strips the padding spaces) → (1, 1, 7) called AE title not recognised;
-3. calling AE title and peer address not in `[[peers]]`, unless
-   `accept_unknown_peers` → (1, 1, 3) calling AE title not recognised.
+2. calling AE title and peer address not in `[[peers]]`, unless
+   `accept_unknown_peers` → (1, 1, 3) calling AE title not recognised;
+3. `max_associations` associations already accepted → (2, 3, 2) transient,
+   local limit exceeded.
+
+Only accepted associations count towards `max_associations`, so connections
+that are still negotiating, being rejected or have sent nothing yet cannot lock
+an allowed peer out. A connection must send its A-ASSOCIATE-RQ within
+`IDENTIFY_TIMEOUT_S` (or `acse_timeout_s` when shorter). pynetdicom's own cap
+on connections is `max_associations + unidentified_margin(max_associations)`,
+which bounds the threads a flood of connections can start.
 
 C-STORE statuses (PS3.4 Annex B.2.3):
 
@@ -88,6 +96,15 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 #: Error Comment (0000,0902) is LO, at most 64 characters.
 _ERROR_COMMENT_LENGTH = 64
 _LOCK_STRIPES = 64
+
+#: Seconds a new connection has to send its A-ASSOCIATE-RQ; a scanner sends it
+#: right after connecting, so an idle socket is closed long before acse_timeout_s.
+IDENTIFY_TIMEOUT_S = 5.0
+
+
+def unidentified_margin(max_associations: int) -> int:
+    """Return the connections allowed beyond `max_associations` for requests not yet checked."""
+    return max(10, max_associations)
 
 
 @dataclass(frozen=True)
@@ -186,12 +203,19 @@ class StorageSCP:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._counts_lock = threading.Lock()
         self._counts: dict[int, dict[str, int]] = {}
+        self.identify_timeout_s = IDENTIFY_TIMEOUT_S
+        # Associations that passed the checks, by id; each holds one of the
+        # max_associations slots until it is released, aborted or closed.
+        self._admitted_lock = threading.Lock()
+        self._admitted: dict[int, Association] = {}
 
     def build_ae(self) -> AE:
         """Create the pynetdicom AE with the supported contexts, limits and timeouts."""
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        # The checks in _handle_requested enforce max_associations on accepted
+        # associations; pynetdicom's cap also counts connections not yet checked.
+        ae.maximum_associations = node.max_associations + unidentified_margin(node.max_associations)
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
@@ -207,6 +231,8 @@ class StorageSCP:
     def event_handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """Handlers to pass as `evt_handlers` to `AE.start_server`."""
         return [
+            (evt.EVT_CONN_OPEN, self._handle_connection_open),
+            (evt.EVT_CONN_CLOSE, self._handle_connection_close),
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_ESTABLISHED, self._handle_established),
@@ -218,19 +244,20 @@ class StorageSCP:
 
     # Association negotiation.
 
+    def _handle_connection_open(self, event: evt.Event) -> None:
+        # Runs before the association thread starts waiting for the A-ASSOCIATE-RQ.
+        event.assoc.acse_timeout = min(self.settings.node.acse_timeout_s, self.identify_timeout_s)
+
+    def _handle_connection_close(self, event: evt.Event) -> None:
+        self._release_slot(event.assoc)
+
     def _handle_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         caller = caller_of(assoc)
         node = self.settings.node
-        acceptors = [other for other in assoc.ae.active_associations if other.is_acceptor]
 
         rejection: tuple[tuple[int, int, int], str] | None = None
-        if len(acceptors) > node.max_associations:
-            rejection = (
-                REJECT_LOCAL_LIMIT,
-                f"{len(acceptors)} associations requested at once, the limit is {node.max_associations}",
-            )
-        elif caller.called_ae_title != node.ae_title:
+        if caller.called_ae_title != node.ae_title:
             rejection = (
                 REJECT_CALLED_AE,
                 f"called AE title {caller.called_ae_title!r} is not this node's {node.ae_title!r}",
@@ -240,7 +267,16 @@ class StorageSCP:
                 REJECT_CALLING_AE,
                 f"calling AE title {caller.calling_ae_title!r} from {caller.address} is not in [[peers]]",
             )
+        else:
+            accepted = self._take_slot(assoc)
+            if accepted is not None:
+                rejection = (
+                    REJECT_LOCAL_LIMIT,
+                    f"{accepted} associations already accepted, the limit is {node.max_associations}",
+                )
         if rejection is None:
+            # The peer is identified: later ACSE waits (release) use the configured timeout.
+            assoc.acse_timeout = node.acse_timeout_s
             return
 
         (result, source, reason), explanation = rejection
@@ -250,6 +286,28 @@ class StorageSCP:
         assoc.acse.send_reject(result, source, reason)
         assoc.kill()
 
+    def _take_slot(self, assoc: Association) -> int | None:
+        """Admit an association within max_associations; return the number accepted when full, else None."""
+        with self._admitted_lock:
+            # An association whose thread ended without a close event frees its slot here.
+            for key, other in list(self._admitted.items()):
+                if other is not assoc and not other.is_alive():
+                    del self._admitted[key]
+            if len(self._admitted) >= self.settings.node.max_associations:
+                return len(self._admitted)
+            self._admitted[id(assoc)] = assoc
+            return None
+
+    def _release_slot(self, assoc: Association) -> None:
+        with self._admitted_lock:
+            if self._admitted.get(id(assoc)) is assoc:
+                del self._admitted[id(assoc)]
+
+    def accepted_association_count(self) -> int:
+        """Number of associations holding one of the max_associations slots."""
+        with self._admitted_lock:
+            return sum(1 for other in self._admitted.values() if other.is_alive())
+
     def _is_known_peer(self, caller: Caller) -> bool:
         address = _normalised_address(caller.address)
         for peer in self.settings.peers:
@@ -258,8 +316,9 @@ class StorageSCP:
         return False
 
     def _handle_rejected(self, event: evt.Event) -> None:
-        # Only pynetdicom's own checks (for example a race on the association
-        # limit) trigger EVT_REJECTED; the checks above log their own rejections.
+        self._release_slot(event.assoc)
+        # Only pynetdicom's own checks (its cap on connections) trigger
+        # EVT_REJECTED; the checks above log their own rejections.
         primitive = event.assoc.acceptor.primitive
         logger.warning(
             "association rejected (%s, %s, %s) by pynetdicom for %s",
@@ -275,6 +334,7 @@ class StorageSCP:
         logger.info("association established with %s", caller_of(event.assoc))
 
     def _handle_closed(self, event: evt.Event) -> None:
+        self._release_slot(event.assoc)
         with self._counts_lock:
             counts = self._counts.pop(id(event.assoc), {})
         summary = ", ".join(f"{name} {number}" for name, number in sorted(counts.items())) or "no C-STORE"

@@ -40,6 +40,8 @@ class NodeServer:
         self.scheduler: CompletionScheduler | None = None
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
+        #: The Storage SCP once started.
+        self.scp: StorageSCP | None = None
 
     @property
     def port(self) -> int:
@@ -70,6 +72,7 @@ class NodeServer:
         self.scheduler.start()
 
         scp = StorageSCP(self.settings, self.store, self.jobs)
+        self.scp = scp
         ae = scp.build_ae()
         self._ae = ae
         node = self.settings.node

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -14,6 +17,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+from pynetdicom import AE
+from pynetdicom.association import Association
 
 from node.config import Peer
 from node.jobs import REFUSED
@@ -388,3 +393,127 @@ def test_store_instance_uid_differs_from_request_returns_c211(
     with caplog.at_level("ERROR", logger="node.scp"):
         assert store_all(node.port, [path]) == [0xC211]
     assert f"dataset SOP Instance UID {dataset.SOPInstanceUID}, request 1.2.826.0.1.3680043.8.498.999" in caplog.text
+
+
+def _associate_together(port: int, count: int) -> list[tuple[AE, Association]]:
+    """Request `count` associations from SCANNER at the same moment, one thread each."""
+    barrier = threading.Barrier(count)
+    results: list[tuple[AE, Association]] = []
+    lock = threading.Lock()
+
+    def request() -> None:
+        barrier.wait(timeout=10)
+        pair = associate(port)
+        with lock:
+            results.append(pair)
+
+    threads = [threading.Thread(target=request) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_associate_simultaneous_over_limit_rejects_only_extra(tmp_path: Path) -> None:
+    server = NodeServer(make_settings(tmp_path / "storage", max_associations=3), pipeline=FakePipeline())
+    server.start()
+    try:
+        pairs = _associate_together(server.port, 4)
+        try:
+            established = [assoc for _ae, assoc in pairs if assoc.is_established]
+            rejected = [assoc for _ae, assoc in pairs if assoc.is_rejected]
+            # max_associations = 3: three of the four simultaneous requests fit,
+            # only the fourth is over the limit.
+            assert (len(established), len(rejected)) == (3, 1)
+            primitive = rejected[0].acceptor.primitive
+            assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+        finally:
+            for ae, assoc in pairs:
+                if assoc.is_established:
+                    assoc.release()
+                ae.shutdown()
+    finally:
+        server.stop()
+
+
+def test_associate_idle_connections_not_counted_peer_accepted(tmp_path: Path) -> None:
+    server = NodeServer(make_settings(tmp_path / "storage", max_associations=2), pipeline=FakePipeline())
+    server.start()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(5)]
+    held: list[tuple[AE, Association]] = []
+    try:
+        # Five connections that never send an A-ASSOCIATE-RQ hold no slot, so
+        # both of the max_associations = 2 slots are free for SCANNER.
+        held = [associate(server.port) for _ in range(2)]
+        assert [assoc.is_established for _ae, assoc in held] == [True, True]
+        assert server.scp is not None and server.scp.accepted_association_count() == 2
+    finally:
+        for ae, assoc in held:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+        for connection in idle:
+            connection.close()
+        # pynetdicom raises in its own thread when stop() aborts a connection still waiting for its request.
+        wait_for(lambda: server._ae is not None and not server._ae.active_associations, 10,
+                 "the node did not notice the closed connections")
+        server.stop()
+
+
+def test_associate_unknown_peer_at_limit_rejected_1_1_3(node: NodeServer) -> None:
+    held = [associate(node.port) for _ in range(2)]
+    try:
+        # The peer check comes before the limit check: an unknown caller is told
+        # it is unknown (1, 1, 3), not that the node is busy (2, 3, 2).
+        assert _rejection(node.port, calling="INTRUDER") == (1, 1, 3)
+        assert _rejection(node.port) == (2, 3, 2)
+    finally:
+        for ae, assoc in held:
+            assoc.release()
+            ae.shutdown()
+
+
+def test_associate_unknown_peer_flood_peer_echo_succeeds(node: NodeServer) -> None:
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            ae, assoc = associate(node.port, calling="INTRUDER")
+            ae.shutdown()
+
+    flooders = [threading.Thread(target=flood) for _ in range(4)]
+    for thread in flooders:
+        thread.start()
+    statuses = []
+    try:
+        for _ in range(10):
+            ae, assoc = associate(node.port)
+            try:
+                statuses.append(int(assoc.send_c_echo().Status) if assoc.is_established else -1)
+                if assoc.is_established:
+                    assoc.release()
+            finally:
+                ae.shutdown()
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(timeout=30)
+    # Rejected unknown callers never hold a slot: every C-ECHO of SCANNER gets 0x0000.
+    assert statuses == [0x0000] * 10
+
+
+def test_associate_idle_connection_closed_after_identify_timeout(tmp_path: Path) -> None:
+    server = NodeServer(make_settings(tmp_path / "storage", acse_timeout_s=60.0), pipeline=FakePipeline())
+    server.start()
+    try:
+        assert server.scp is not None
+        server.scp.identify_timeout_s = 0.5
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
+            # recv returns b"" once the node closes the connection that sent nothing.
+            assert connection.recv(1) == b""
+        # Closed after about 0.5 s, far sooner than acse_timeout_s = 60.
+        assert time.monotonic() - started < 10
+    finally:
+        server.stop()
