@@ -4,7 +4,11 @@ The Agatston score is defined on non-contrast scans at 120 kVp with 3 mm
 slices, and 2.5 mm reconstructions are in clinical use too. Each rule below is "flag" (the score is produced and carries the flag) or "refuse"
 (ProtocolRefusedError) per ProtocolPolicy:
 
-- KVP: KVP other than 120 (±0.5), not recorded, or different between instances.
+- KVP: KVP other than 120 (±0.5), not recorded, or different between
+  instances or frames. Multi-frame instances record it in their functional
+  groups (CT X-Ray Details, or Unassigned Converted Attributes of Legacy
+  Converted Enhanced CT); contrast and body part attributes are looked up
+  there too when absent at the top level.
 - SLICE_THICKNESS: nominal SliceThickness outside 2.5–3.0 mm or not recorded.
 - SLICE_INCREMENT: measured increment outside 2.5–3.0 mm (same policy as thickness).
 - CONTRAST: a contrast agent recorded in ContrastBolusAgent,
@@ -26,7 +30,7 @@ from pydicom.dataset import Dataset
 
 from scoring.config import ProtocolPolicy
 from scoring.errors import ProtocolRefusedError
-from scoring.slice_geometry import functional_group_item
+from scoring.slice_geometry import functional_group_item, functional_group_value, instance_attribute
 from scoring.volume import ProtocolFlag
 
 logger = logging.getLogger(__name__)
@@ -59,30 +63,48 @@ def _float_or_none(value: object) -> float | None:
 
 
 def kvp_of(header: Dataset) -> float | None:
-    """Return the KVP of an instance: the top-level attribute, else the first CT X-Ray Details item."""
-    kvp = _float_or_none(header.get("KVP"))
-    if kvp is not None:
-        return kvp
-    details = functional_group_item(header, 0, "CTXRayDetailsSequence")
-    if details is not None:
-        return _float_or_none(details.get("KVP"))
-    return None
+    """Return the KVP of an instance (its first frame for a multi-frame instance); see `kvp_values`."""
+    return _float_or_none(instance_attribute(header, "KVP"))
+
+
+def kvp_values(header: Dataset) -> list[float]:
+    """Return the KVP values recorded in an instance, one per frame for a multi-frame instance.
+
+    The top-level KVP applies to every frame. Otherwise each frame's KVP comes
+    from its functional groups: CT X-Ray Details (Enhanced CT) or Unassigned
+    Per-Frame or Shared Converted Attributes (Legacy Converted Enhanced CT).
+    Frames without a KVP are left out.
+    """
+    top_level = _float_or_none(header.get("KVP"))
+    if top_level is not None:
+        return [top_level]
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    values = (_float_or_none(functional_group_value(header, index, "KVP")) for index in range(frames))
+    return [value for value in values if value is not None]
+
+
+def _text_attribute(header: Dataset, keyword: str) -> str:
+    return str(instance_attribute(header, keyword) or "").strip()
 
 
 def contrast_evidence(header: Dataset) -> str | None:
-    """Return a description of the contrast agent recorded in an instance, None when none is recorded."""
-    agent = str(header.get("ContrastBolusAgent", "") or "").strip()
+    """Return a description of the contrast agent recorded in an instance, None when none is recorded.
+
+    Each attribute is read at the top level or, for multi-frame instances, in
+    the functional groups of the first frame (`instance_attribute`).
+    """
+    agent = _text_attribute(header, "ContrastBolusAgent")
     if agent and agent.upper() not in NO_CONTRAST_TEXTS:
         return f"ContrastBolusAgent '{agent}'"
-    agent_sequence = header.get("ContrastBolusAgentSequence")
+    agent_sequence = instance_attribute(header, "ContrastBolusAgentSequence")
     if agent_sequence:
-        meanings = [str(item.get("CodeMeaning", item.get("CodeValue", "?"))) for item in agent_sequence]
+        meanings = [str(item.get("CodeMeaning", item.get("CodeValue", "?"))) for item in agent_sequence]  # type: ignore[attr-defined]
         return f"ContrastBolusAgentSequence ({', '.join(meanings)})"
-    ingredient = str(header.get("ContrastBolusIngredient", "") or "").strip()
+    ingredient = _text_attribute(header, "ContrastBolusIngredient")
     if ingredient and ingredient.upper() not in NO_CONTRAST_TEXTS:
         return f"ContrastBolusIngredient '{ingredient}'"
     for keyword in ("ContrastBolusVolume", "ContrastBolusTotalDose"):
-        amount = _float_or_none(header.get(keyword))
+        amount = _float_or_none(instance_attribute(header, keyword))
         if amount is not None and amount > 0:
             return f"{keyword} {amount:g} ml"
     usage = functional_group_item(header, 0, "ContrastBolusUsageSequence")
@@ -125,7 +147,7 @@ def check_protocol(
     low, high = SLICE_RANGE_MM
 
     kvp = kvp_of(headers[0])
-    distinct_kvps = sorted({value for value in (kvp_of(header) for header in headers) if value is not None})
+    distinct_kvps = sorted({value for header in headers for value in kvp_values(header)})
     if len(distinct_kvps) > 1:
         values = ", ".join(f"{value:g}" for value in distinct_kvps)
         message = f"kVp differs between slices ({values}); Agatston thresholds and weights are defined for 120 kVp"
@@ -160,7 +182,7 @@ def check_protocol(
             found.append((policy.contrast, ProtocolFlag("CONTRAST", message)))
             break
 
-    body_part = str(headers[0].get("BodyPartExamined", "") or "").strip().upper()
+    body_part = _text_attribute(headers[0], "BodyPartExamined").upper()
     if body_part and body_part not in CARDIAC_BODY_PARTS:
         message = f"BodyPartExamined is {body_part}; calcium scoring expects CHEST or HEART"
         found.append((policy.body_part, ProtocolFlag("BODY_PART", message)))

@@ -70,6 +70,7 @@ from scoring.slice_geometry import (
     SliceRecord,
     check_consistent,
     functional_group_item,
+    instance_attribute,
     multi_frame_records,
     single_frame_record,
     slice_normal,
@@ -488,23 +489,8 @@ def _slice_records(instances: Sequence[_Instance]) -> list[SliceRecord]:
     return records
 
 
-def _functional_group_value(header: Dataset, keyword: str) -> object:
-    # Search the items of every shared functional group, then those of frame 1,
-    # so the value is found whichever functional group macro carries it.
-    for container_keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        container = header.get(container_keyword)
-        if not container:
-            continue
-        for element in container[0]:
-            if element.VR == "SQ" and element.value and keyword in element.value[0]:
-                return element.value[0].get(keyword)
-    return None
-
-
 def _mass_calibration_factor(header: Dataset) -> float | None:
-    element = header.get("CalciumScoringMassFactorDevice")
-    if element is None:
-        element = _functional_group_value(header, "CalciumScoringMassFactorDevice")
+    element = instance_attribute(header, "CalciumScoringMassFactorDevice")
     values = [element] if isinstance(element, (int, float)) else list(element or [])  # type: ignore[call-overload]
     if not values:
         return None

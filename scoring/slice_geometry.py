@@ -160,6 +160,39 @@ def functional_group_item(dataset: Dataset, frame_index: int, keyword: str) -> D
     return None
 
 
+def functional_group_value(dataset: Dataset, frame_index: int, keyword: str) -> object:
+    """Return attribute `keyword` from any functional group macro of a frame, per-frame before shared.
+
+    Each group's first item is searched, so the value is found whichever macro
+    carries it: CT X-Ray Details for Enhanced CT, or the Unassigned Per-Frame
+    and Shared Converted Attributes of Legacy Converted Enhanced CT. Returns
+    None when no group contains it.
+    """
+    containers = []
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame_index < len(per_frame):
+        containers.append(per_frame[frame_index])
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    if shared:
+        containers.append(shared[0])
+    for container in containers:
+        for element in container:
+            if element.VR == "SQ" and element.value and keyword in element.value[0]:
+                return element.value[0].get(keyword)
+    return None
+
+
+def instance_attribute(dataset: Dataset, keyword: str, frame_index: int = 0) -> object:
+    """Return attribute `keyword` of an instance: the top-level value, else `functional_group_value`.
+
+    An empty top-level value counts as absent. Returns None when neither place contains a value.
+    """
+    value = dataset.get(keyword)
+    if value not in (None, ""):
+        return value
+    return functional_group_value(dataset, frame_index, keyword)
+
+
 def multi_frame_records(dataset: Dataset, instance_index: int, name: str) -> list[SliceRecord]:
     """Build one SliceRecord per frame of an Enhanced (or Legacy Converted Enhanced) CT instance.
 

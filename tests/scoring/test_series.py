@@ -576,6 +576,62 @@ def test_load_series_legacy_converted_enhanced_ct_read() -> None:
     assert volume.frame_numbers == (3, 2, 1)
 
 
+def _legacy_converted(datasets: list[Dataset]) -> Dataset:
+    """Convert CT Image Storage datasets with highdicom's Legacy Converted Enhanced CT builder."""
+    import highdicom as hd
+
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets,
+        series_instance_uid=hd.UID(),
+        series_number=2,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+
+
+def test_load_series_legacy_converted_kvp_in_unassigned_group_read() -> None:
+    legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3), kvp=120.0))
+    # highdicom 0.28 moves KVP into Shared > UnassignedSharedConvertedAttributesSequence.
+    assert "KVP" not in legacy
+    volume = load_series([legacy])
+    assert volume.kvp == 120.0
+    assert volume.flags == ()
+
+
+def test_load_series_legacy_converted_kvp_100_flagged() -> None:
+    volume = load_series([_legacy_converted(make_ct_datasets(_tissue_hu(slices=3), kvp=100.0))])
+    assert [flag.code for flag in volume.flags] == ["KVP"]
+    assert volume.flags[0].message.startswith("acquired at 100 kVp")
+
+
+def test_load_series_legacy_converted_contrast_in_unassigned_group_rejected() -> None:
+    legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3)))
+    unassigned = legacy.SharedFunctionalGroupsSequence[0].UnassignedSharedConvertedAttributesSequence[0]
+    unassigned.ContrastBolusAgent = "Iopromide 370"
+    with pytest.raises(ProtocolRefusedError, match=r"contrast agent recorded \(ContrastBolusAgent 'Iopromide 370'\)"):
+        load_series([legacy])
+
+
+def test_load_series_enhanced_ct_kvp_per_frame_differs_flagged() -> None:
+    enhanced = build_enhanced_ct_dataset(_tissue_hu(slices=3))
+    enhanced.SharedFunctionalGroupsSequence[0].CTXRayDetailsSequence[0].KVP = 120
+    details = Dataset()
+    details.KVP = 100
+    enhanced.PerFrameFunctionalGroupsSequence[2].CTXRayDetailsSequence = DicomSequence([details])
+    volume = load_series([enhanced])
+    assert [flag.code for flag in volume.flags] == ["KVP"]
+    assert "kVp differs between slices (100, 120)" in volume.flags[0].message
+
+
+def test_load_series_legacy_converted_body_part_in_unassigned_group_flagged() -> None:
+    legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3), body_part_examined=None))
+    unassigned = legacy.SharedFunctionalGroupsSequence[0].UnassignedSharedConvertedAttributesSequence[0]
+    unassigned.BodyPartExamined = "ABDOMEN"
+    volume = load_series([legacy])
+    assert [flag.code for flag in volume.flags] == ["BODY_PART"]
+    assert volume.flags[0].message == "BodyPartExamined is ABDOMEN; calcium scoring expects CHEST or HEART"
+
+
 def test_load_series_enhanced_ct_mass_factor_in_functional_group() -> None:
     enhanced = build_enhanced_ct_dataset(_tissue_hu(slices=3))
     exposure = Dataset()
