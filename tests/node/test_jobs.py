@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from node.cli import main
 from node.commands.retry import RetryError, retry_job
 from node.config import Destination, NodeSettings
 from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, JobStore
+from node.pipeline import ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.server import NodeServer
 from scoring.errors import SliceSpacingError
@@ -502,3 +504,37 @@ def test_serve_runs_until_sigterm_exits_0(tmp_path: Path) -> None:
     assert "received SIGTERM, stopping" in stderr
     assert "cacs-node CACS_NODE stopped" in stderr
     assert (tmp_path / "data" / "jobs.sqlite3").is_file()
+
+
+class _LoaderOnlyPipeline(ScoringPipeline):
+    """The real pipeline without a model: load_series runs, and reaching the model fails the job."""
+
+    def model_version(self) -> str:
+        return "no-model-1"
+
+    def _loaded_model(self) -> object:
+        raise RuntimeError("the test pipeline has no model; load_series should have refused the series")
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "PatientID", "FrameOfReferenceUID"])
+def test_series_mixed_identity_refused_naming_attribute(settings: NodeSettings, keyword: str) -> None:
+    datasets = make_ct_datasets(uid_seed=f"mixed-{keyword}")
+    odd = datasets[2]
+    setattr(odd, keyword, generate_uid() if keyword != "PatientID" else "OTHER-PATIENT-77")
+    server = NodeServer(settings, pipeline=_LoaderOnlyPipeline(settings))
+    server.start()
+    try:
+        assert store_all(server.port, datasets) == [0x0000] * len(datasets)
+        assert server.wait_idle(30)
+        jobs = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        server.stop()
+
+    # One series UID means one job; it is refused by the loader before any model run.
+    assert [job.state for job in jobs] == [REFUSED]
+    reason = jobs[0].reason
+    # 5 instances, 4 with the common value and 1 with the odd one.
+    assert "has 5 instances with 2 different values" in reason
+    assert f"of {keyword}" in reason
+    assert str(odd.SOPInstanceUID) in reason
+    assert "OTHER-PATIENT-77" not in reason
