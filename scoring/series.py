@@ -15,8 +15,9 @@ Steps of `load_series`:
    of a SOPInstanceUID. A damaged file is an error, not a drop, because a
    dropped slice at either end of the stack would go unnoticed. Damaged
    means a DICOM file that fails to parse or is empty, a SOPClassUID that
-   differs from the MediaStorageSOPClassUID, or a CT image without pixel
-   data or orientation. These raise DamagedInstanceError.
+   differs from the MediaStorageSOPClassUID, a CT image without pixel
+   data or orientation, or an Enhanced CT image without per-frame functional
+   groups. These raise DamagedInstanceError.
 3. Group by SeriesInstanceUID. Instances without one form a single group
    named "(no SeriesInstanceUID)". That group is decoded and checked like any
    other, so protocol errors come first. Then `load_series` raises
@@ -322,6 +323,14 @@ def _ineligibility_reason(instance: _Instance) -> str | None:
     if "PixelData" not in dataset:
         raise DamagedInstanceError(
             f"{instance.name} is a CT image without PixelData (7FE0,0010); remove it or re-send the series"
+        )
+    if instance.sop_class_uid != CT_IMAGE_STORAGE and not dataset.get("PerFrameFunctionalGroupsSequence"):
+        class_name = UID(instance.sop_class_uid).name
+        raise DamagedInstanceError(
+            f"{instance.name} has SOP class {class_name} but no PerFrameFunctionalGroupsSequence "
+            f"(NumberOfFrames {dataset.get('NumberOfFrames', 'missing')}), so its frames have no position "
+            "or orientation; it may be a single-frame CT image stored under the wrong SOP class; "
+            "re-export it as CT Image Storage or re-send the series"
         )
     orientation = _orientation_of(instance)
     if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]

@@ -632,6 +632,18 @@ def test_load_series_legacy_converted_body_part_in_unassigned_group_flagged() ->
     assert volume.flags[0].message == "BodyPartExamined is ABDOMEN; calcium scoring expects CHEST or HEART"
 
 
+def test_load_series_single_frame_enhanced_class_raises() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=3))
+    datasets[1].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    datasets[1].file_meta.MediaStorageSOPClassUID = datasets[1].SOPClassUID
+    with pytest.raises(
+        DamagedInstanceError,
+        match=rf"instance {datasets[1].SOPInstanceUID} has SOP class Enhanced CT Image Storage but no "
+        r"PerFrameFunctionalGroupsSequence \(NumberOfFrames missing\)",
+    ):
+        load_series(datasets)
+
+
 def test_load_series_enhanced_ct_mass_factor_in_functional_group() -> None:
     enhanced = build_enhanced_ct_dataset(_tissue_hu(slices=3))
     exposure = Dataset()
