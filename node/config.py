@@ -9,6 +9,7 @@ that is unknown is an error (it is usually a typo of a real key).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -286,6 +287,12 @@ class _Validator:
         if not checks[kind](value):
             expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[kind]
             self.problems.append(f"{where}{key} = {value!r}: expected {expected}")
+            return default
+        if kind == "float" and not math.isfinite(value):
+            # TOML allows nan and inf, and a literal such as 1e400 overflows to inf.
+            self.problems.append(
+                f"{where}{key} = {value!r}: expected a finite number; write a number such as {default}"
+            )
             return default
         return float(value) if kind == "float" else value
 

@@ -115,3 +115,25 @@ def test_scoring_section_policies_reach_protocol_policy(tmp_path: Path) -> None:
     assert scoring.protocol_policy().contrast == "flag"
     assert scoring.protocol_policy().thickness == "flag"
     assert scoring.scoring_parameters().mass_calibration_factor == 0.8
+
+
+def test_parse_settings_non_finite_floats_rejected(tmp_path: Path) -> None:
+    text = """
+[node]
+acse_timeout_s = inf
+network_timeout_s = 1e400
+
+[scoring]
+quiet_period_s = nan
+mass_calibration_factor = -inf
+"""
+    with pytest.raises(ConfigError) as raised:
+        parse_settings(text, base_dir=tmp_path)
+    problems = raised.value.problems
+    # 1e400 overflows to inf when TOML is parsed, so it is reported as inf.
+    assert problems == [
+        "[node] acse_timeout_s = inf: expected a finite number; write a number such as 30.0",
+        "[node] network_timeout_s = inf: expected a finite number; write a number such as 60.0",
+        "[scoring] quiet_period_s = nan: expected a finite number; write a number such as 30.0",
+        "[scoring] mass_calibration_factor = -inf: expected a finite number; write a number such as 0.743",
+    ]
