@@ -70,6 +70,7 @@ from scoring.phantom_calcium import (
     widen_footprint,
 )
 from scoring.phantom_regions import REGION_OTHER_CAR, REGION_UNLABELLED, draw_regions
+from scoring.slice_geometry import MIN_SLICES
 from scoring.volume import PADDING_HU, CTVolume
 
 logger = logging.getLogger(__name__)
@@ -432,8 +433,11 @@ def _check_options(seed: int, size: int, slices: int, pixel_spacing: float | Non
         raise ValueError(f"seed is {seed!r}; expected a non-negative integer")
     if not 64 <= size <= 1024:
         raise ValueError(f"size is {size}; expected 64–1024 pixels per side (512 for a clinical series)")
-    if not 1 <= slices <= 200:
-        raise ValueError(f"slices is {slices}; expected 1–200 (48 covers the heart at 3 mm)")
+    if not MIN_SLICES <= slices <= 200:
+        raise ValueError(
+            f"slices is {slices}; expected {MIN_SLICES}–200 because the series loader needs at least "
+            f"{MIN_SLICES} slices to measure the slice increment (48 covers the heart at 3 mm)"
+        )
     if pixel_spacing is not None and not 0.1 <= pixel_spacing <= 2.0:
         raise ValueError(f"pixel_spacing is {pixel_spacing} mm; expected 0.1–2.0 mm (0.35–0.8 is clinical)")
     if noise_hu is not None and not 0.0 <= noise_hu <= 200.0:

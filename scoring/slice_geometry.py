@@ -47,6 +47,9 @@ ORIENTATION_TOLERANCE = 1e-4
 PIXEL_SPACING_TOLERANCE_MM = 1e-4
 
 
+#: Fewest slices a series may have: the slice increment is measured between neighbours.
+MIN_SLICES = 2
+
 @dataclass(frozen=True)
 class SliceRecord:
     """One image plane of the series: a single-frame instance or one frame of a multi-frame one.
@@ -290,9 +293,9 @@ def sort_and_measure(records: Sequence[SliceRecord], series: str) -> tuple[list[
     Returns the records in volume order and the increment in mm. Raises
     SliceSpacingError naming the positions involved (see the module rules).
     """
-    if len(records) < 2:
+    if len(records) < MIN_SLICES:
         raise SliceSpacingError(
-            f"series {series} has {len(records)} slice; at least 2 are needed to measure the slice "
+            f"series {series} has {len(records)} slice; at least {MIN_SLICES} are needed to measure the slice "
             "increment; send the whole calcium-scoring series"
         )
     normal = slice_normal(records[0].orientation)

@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burden", choices=BURDENS, default=None,
                         help="coronary calcium burden class (default: drawn from the seed)")
     parser.add_argument("--slices", type=int, default=None,
-                        help="number of contiguous 3 mm slices (default 48 for patient, 40 for qrm)")
+                        help="number of contiguous 3 mm slices, 2-200 (default 48 for patient, 40 for qrm)")
     parser.add_argument("--size", type=int, default=512, help="rows and columns per slice (default 512)")
     parser.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                         help="in-plane pixel spacing in mm (default: drawn, 0.35-0.8 mm at 512 pixels)")

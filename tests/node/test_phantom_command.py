@@ -59,3 +59,14 @@ def test_phantom_command_bad_size_exits_two(tmp_path: Path, capsys: pytest.Captu
 
     assert status == 2
     assert "size is 32; expected 64–1024 pixels per side" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["patient", "qrm"])
+def test_phantom_command_one_slice_exits_two(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    status = main(["phantom", str(tmp_path), "--seed", "1", "--mode", mode, "--size", "128", "--slices", "1"])
+
+    assert status == 2
+    # `cacs-node score` rejects a 1-slice series, so the phantom must not write one.
+    assert "slices is 1; expected 2–200 because the series loader needs at least 2 slices" in capsys.readouterr().err
+    assert not (tmp_path / "dicom").exists()
+    assert not (tmp_path / "truth.json").exists()

@@ -195,9 +195,11 @@ def test_make_case_unknown_mode_raises() -> None:
         make_case(1, mode="ct")
 
 
-def test_make_case_slices_out_of_range_raises() -> None:
-    with pytest.raises(ValueError, match="slices is 0; expected 1–200"):
-        make_case(1, slices=0)
+@pytest.mark.parametrize("slices", [0, 1, 201])
+def test_make_case_slices_out_of_range_raises(slices: int) -> None:
+    # 2 is scoring.slice_geometry.MIN_SLICES: load_series rejects a 1-slice series.
+    with pytest.raises(ValueError, match=f"slices is {slices}; expected 2–200 because the series loader needs"):
+        make_case(1, slices=slices)
 
 
 def test_make_case_negative_seed_raises() -> None:
