@@ -75,6 +75,35 @@ class Pipeline(Protocol):
         ...
 
 
+class ModelUnavailableError(RuntimeError):
+    """The configured model cannot be loaded; the message is short enough for one log line."""
+
+
+#: Maximum length of a model loading message; torch's own texts run to many lines.
+_MODEL_MESSAGE_LENGTH = 300
+
+
+def explain_model_error(error: BaseException, path: Path | None) -> str:
+    """Return a one-line reason why the model at `path` (None: the shipped one) cannot be loaded."""
+    from scoring.checkpoint import CheckpointError
+    from scoring.inference import ModelError
+
+    model_name = str(path) if path is not None else "the shipped model"
+    root: BaseException = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if not isinstance(root, (CheckpointError, ModelError)):
+        # torch.load and unpickling errors explain torch internals, not what the operator should do.
+        return (
+            f"model file {model_name} cannot be read ({type(root).__name__}): it is damaged or not a cacs-node "
+            'checkpoint; set [scoring] model_path to a file written by `cacs-node train`, or "" for the shipped model'
+        )
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if len(first_line) > _MODEL_MESSAGE_LENGTH:
+        first_line = first_line[: _MODEL_MESSAGE_LENGTH - 3] + "..."
+    return first_line
+
+
 class ScoringPipeline:
     """The real pipeline, configured by the `[scoring]` and `[node]` settings.
 
@@ -103,6 +132,19 @@ class ScoringPipeline:
 
     def model_version(self) -> str:
         return _version_of(self._loaded_model())
+
+    def check_model(self) -> str:
+        """Load the configured model now and return its version.
+
+        Raises:
+            ModelUnavailableError: the model file is missing, damaged or not a
+                cacs-node checkpoint, or the device is unavailable.
+        """
+        try:
+            return self.model_version()
+        except Exception as error:
+            # load_model raises ModelError, but a damaged file can surface other errors from torch.
+            raise ModelUnavailableError(explain_model_error(error, self.settings.scoring.model_path)) from error
 
     def score(self, paths: Sequence[Path]) -> ScoredSeries:
         from scoring.agatston import score_volume

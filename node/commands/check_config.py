@@ -39,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
             )
             return 1
 
+    from node.pipeline import ModelUnavailableError, ScoringPipeline
+
+    try:
+        model_version = ScoringPipeline(settings).check_model()
+    except ModelUnavailableError as error:
+        print(f"cacs-node check-config: {path}: [scoring] model_path: {error}", file=sys.stderr)
+        return 1
+
     node = settings.node
     print(f"{path}: valid")
     print(f"  AE title {node.ae_title} on {node.bind_address}:{node.port}, at most {node.max_associations} associations")
@@ -53,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if not settings.destinations:
         print("  no destinations: results stay under the storage root")
     print(f"  storage root {settings.storage.root}, minimum free space {settings.storage.min_free_space_mb} MiB")
-    print(f"  model {model_path} on device {settings.scoring.device}, quiet period {settings.scoring.quiet_period_s} s")
+    print(
+        f"  model {model_path} (version {model_version}) on device {settings.scoring.device}, "
+        f"quiet period {settings.scoring.quiet_period_s} s"
+    )
     if node.uid_root == "1.2.826.0.1.3680043.8.498.":
         print("  note: uid_root is pydicom's example root; set your organisation's registered root for clinical use")
     return 0

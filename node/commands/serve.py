@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, default_config_path, load_settings
+    from node.pipeline import ModelUnavailableError, ScoringPipeline
     from node.server import NodeServer
     from node.storage import StorageError
 
@@ -33,7 +34,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
         return 2
 
-    server = NodeServer(settings)
+    # A node that cannot load its model would acknowledge series it can never score.
+    pipeline = ScoringPipeline(settings)
+    try:
+        model_version = pipeline.check_model()
+    except ModelUnavailableError as error:
+        print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
+        return 1
+    logger.info("model version %s ready", model_version)
+
+    server = NodeServer(settings, pipeline=pipeline)
     try:
         server.start()
     except (StorageError, OSError) as error:

@@ -249,3 +249,14 @@ def wait_for(condition: Callable[[], bool], timeout: float, message: str) -> Non
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+def write_untrained_model(path: Path) -> Path:
+    """Write a checkpoint of an untrained multi-task U-Net, which loads like a trained one."""
+    from scoring.checkpoint import Checkpoint, save_checkpoint
+    from scoring.model import build_model
+
+    network = build_model("mtl")
+    save_checkpoint(path, Checkpoint(architecture="mtl", state_dict=network.state_dict(),
+                                     metadata={"model_version": "untrained-test"}))
+    return path

@@ -26,7 +26,7 @@ from node.scheduler import CompletionScheduler
 from node.server import NodeServer
 from scoring.errors import SliceSpacingError
 from tests.factories import make_ct_datasets
-from tests.node.helpers import FakePipeline, make_settings, store_all, wait_for
+from tests.node.helpers import FakePipeline, make_settings, store_all, wait_for, write_untrained_model
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, outputs=frozenset({"seg", "sr"}))
 ARCHIVE = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=105, outputs=frozenset({"seg", "sr"}))
@@ -355,13 +355,44 @@ def test_check_config_bad_file_lists_problems_exits_1(tmp_path: Path, capsys: py
 
 
 def test_check_config_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # check-config checks only that the model file exists, so any bytes do.
-    (tmp_path / "model.pt").write_bytes(b"weights")
+    write_untrained_model(tmp_path / "model.pt")
     path = tmp_path / "node.toml"
-    path.write_text('[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\n', encoding="utf-8")
+    path.write_text('[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\ndevice = "cpu"\n',
+                    encoding="utf-8")
 
     assert main(["check-config", "--config", str(path)]) == 0
-    assert f"storage root {tmp_path / 'data'}" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert f"storage root {tmp_path / 'data'}" in output
+    # The version comes from the checkpoint's metadata, so the model was really loaded.
+    assert "(version untrained-test)" in output
+
+
+def test_check_config_random_bytes_model_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model.pt").write_bytes(bytes(range(256)) * 8)
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\ndevice = "cpu"\n',
+                    encoding="utf-8")
+
+    assert main(["check-config", "--config", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"model file {tmp_path / 'model.pt'} cannot be read (UnpicklingError): it is damaged" in captured.err
+    # torch's own explanation of weights_only loading is left out.
+    assert "weights_only" not in captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_serve_unloadable_model_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model.pt").write_bytes(b"not a model")
+    path = tmp_path / "node.toml"
+    path.write_text('[storage]\nroot = "data"\n[scoring]\nmodel_path = "model.pt"\ndevice = "cpu"\n',
+                    encoding="utf-8")
+
+    assert main(["serve", "--config", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert f"cacs-node serve: not starting: model file {tmp_path / 'model.pt'} cannot be read" in error
+    # Nothing was created: the node did not start.
+    assert not (tmp_path / "data").exists()
 
 
 def test_check_config_missing_shipped_model_exits_1(
@@ -480,7 +511,7 @@ def test_serve_runs_until_sigterm_exits_0(tmp_path: Path) -> None:
     from tests.node.helpers import SCANNER_AE, dcmtk_tool, free_port
 
     port = free_port()
-    (tmp_path / "model.pt").write_bytes(b"not a model")  # serve logs that it cannot load it and keeps receiving
+    write_untrained_model(tmp_path / "model.pt")
     path = tmp_path / "node.toml"
     path.write_text(
         f'[node]\nbind_address = "127.0.0.1"\nport = {port}\n'
