@@ -126,6 +126,82 @@ def _outside_slice_range(value: float) -> bool:
     return value < low - SLICE_RANGE_TOLERANCE_MM or value > high + SLICE_RANGE_TOLERANCE_MM
 
 
+def _kvp_deviation(headers: Sequence[Dataset]) -> ProtocolFlag | None:
+    kvp = kvp_of(headers[0])
+    distinct_kvps = sorted({value for header in headers for value in kvp_values(header)})
+    if len(distinct_kvps) > 1:
+        values = ", ".join(f"{value:g}" for value in distinct_kvps)
+        message = f"kVp differs between slices ({values}); Agatston thresholds and weights are defined for 120 kVp"
+        return ProtocolFlag("KVP", message)
+    if kvp is None:
+        return ProtocolFlag("KVP", "kVp is not recorded; calcium scoring expects 120 kVp")
+    if abs(kvp - EXPECTED_KVP) > KVP_TOLERANCE:
+        return ProtocolFlag("KVP", f"acquired at {kvp:g} kVp; Agatston thresholds and weights are defined for 120 kVp")
+    return None
+
+
+def _slice_deviations(
+    slice_thickness: float | None, slice_increment: float, policy: ProtocolPolicy
+) -> list[tuple[str, ProtocolFlag]]:
+    found: list[tuple[str, ProtocolFlag]] = []
+    low, high = SLICE_RANGE_MM
+    if slice_thickness is None:
+        message = f"slice thickness is not recorded; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
+    elif _outside_slice_range(slice_thickness):
+        message = f"slice thickness is {slice_thickness:g} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
+    if _outside_slice_range(slice_increment):
+        message = f"slice increment is {slice_increment:.3f} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
+        found.append((policy.thickness, ProtocolFlag("SLICE_INCREMENT", message)))
+    return found
+
+
+def _contrast_deviation(headers: Sequence[Dataset]) -> ProtocolFlag | None:
+    for header in headers:
+        evidence = contrast_evidence(header)
+        if evidence is not None:
+            message = f"contrast agent recorded ({evidence}); calcium scoring needs a non-contrast scan"
+            return ProtocolFlag("CONTRAST", message)
+    return None
+
+
+def _body_part_deviation(headers: Sequence[Dataset]) -> ProtocolFlag | None:
+    body_part = _text_attribute(headers[0], "BodyPartExamined").upper()
+    if body_part and body_part not in CARDIAC_BODY_PARTS:
+        return ProtocolFlag("BODY_PART", f"BodyPartExamined is {body_part}; calcium scoring expects CHEST or HEART")
+    return None
+
+
+def _raise_refused(found: Sequence[tuple[str, ProtocolFlag | None]], series: str) -> None:
+    rejected = [flag for action, flag in found if action == "refuse" and flag is not None]
+    if rejected:
+        reasons = "; ".join(flag.message for flag in rejected)
+        raise ProtocolRefusedError(
+            f"series {series} is not a calcium-scoring acquisition: {reasons}. "
+            "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy"
+        )
+
+
+def check_header_protocol(headers: Sequence[Dataset], *, policy: ProtocolPolicy, series: str) -> None:
+    """Raise ProtocolRefusedError for refused kVp, contrast and body part deviations.
+
+    These rules need only the headers, so `load_series` checks them before
+    the slice geometry. A series that will be rejected anyway (a contrast
+    scan) is then reported for that reason, not for a gap that the operator
+    might fix by re-sending it. `check_protocol` repeats these checks.
+    """
+    validate_policy(policy)
+    _raise_refused(
+        [
+            (policy.kvp, _kvp_deviation(headers)),
+            (policy.contrast, _contrast_deviation(headers)),
+            (policy.body_part, _body_part_deviation(headers)),
+        ],
+        series,
+    )
+
+
 def check_protocol(
     headers: Sequence[Dataset],
     *,
@@ -143,60 +219,15 @@ def check_protocol(
     Raises ProtocolRefusedError listing every refused deviation.
     """
     validate_policy(policy)
-    found: list[tuple[str, ProtocolFlag]] = []
-    low, high = SLICE_RANGE_MM
-
-    kvp = kvp_of(headers[0])
-    distinct_kvps = sorted({value for header in headers for value in kvp_values(header)})
-    if len(distinct_kvps) > 1:
-        values = ", ".join(f"{value:g}" for value in distinct_kvps)
-        message = f"kVp differs between slices ({values}); Agatston thresholds and weights are defined for 120 kVp"
-        found.append((policy.kvp, ProtocolFlag("KVP", message)))
-    elif kvp is None:
-        found.append((policy.kvp, ProtocolFlag("KVP", "kVp is not recorded; calcium scoring expects 120 kVp")))
-    elif abs(kvp - EXPECTED_KVP) > KVP_TOLERANCE:
-        found.append(
-            (
-                policy.kvp,
-                ProtocolFlag(
-                    "KVP",
-                    f"acquired at {kvp:g} kVp; Agatston thresholds and weights are defined for 120 kVp",
-                ),
-            )
-        )
-
-    if slice_thickness is None:
-        message = f"slice thickness is not recorded; calcium scoring expects {low:.1f}–{high:.1f} mm"
-        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
-    elif _outside_slice_range(slice_thickness):
-        message = f"slice thickness is {slice_thickness:g} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
-        found.append((policy.thickness, ProtocolFlag("SLICE_THICKNESS", message)))
-    if _outside_slice_range(slice_increment):
-        message = f"slice increment is {slice_increment:.3f} mm; calcium scoring expects {low:.1f}–{high:.1f} mm"
-        found.append((policy.thickness, ProtocolFlag("SLICE_INCREMENT", message)))
-
-    for header in headers:
-        evidence = contrast_evidence(header)
-        if evidence is not None:
-            message = f"contrast agent recorded ({evidence}); calcium scoring needs a non-contrast scan"
-            found.append((policy.contrast, ProtocolFlag("CONTRAST", message)))
-            break
-
-    body_part = _text_attribute(headers[0], "BodyPartExamined").upper()
-    if body_part and body_part not in CARDIAC_BODY_PARTS:
-        message = f"BodyPartExamined is {body_part}; calcium scoring expects CHEST or HEART"
-        found.append((policy.body_part, ProtocolFlag("BODY_PART", message)))
-    elif not body_part:
+    found: list[tuple[str, ProtocolFlag | None]] = [(policy.kvp, _kvp_deviation(headers))]
+    found.extend(_slice_deviations(slice_thickness, slice_increment, policy))
+    found.append((policy.contrast, _contrast_deviation(headers)))
+    found.append((policy.body_part, _body_part_deviation(headers)))
+    if not _text_attribute(headers[0], "BodyPartExamined"):
         logger.info("series %s: BodyPartExamined is not recorded; not flagged", series)
 
-    rejected = [flag for action, flag in found if action == "refuse"]
-    if rejected:
-        reasons = "; ".join(flag.message for flag in rejected)
-        raise ProtocolRefusedError(
-            f"series {series} is not a calcium-scoring acquisition: {reasons}. "
-            "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy"
-        )
-    flags = tuple(flag for _, flag in found)
+    _raise_refused(found, series)
+    flags = tuple(flag for _, flag in found if flag is not None)
     for flag in flags:
         logger.warning("series %s: protocol flag %s: %s", series, flag.code, flag.message)
     return flags

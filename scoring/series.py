@@ -29,7 +29,9 @@ Steps of `load_series`:
 5. Check that the chosen instances share PatientID, PatientName,
    StudyInstanceUID and FrameOfReferenceUID (`check_identity`), else raise
    InconsistentIdentityError: such a series may mix two patients.
-6. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
+6. Raise for protocol deviations that the headers show and whose policy is
+   "refuse" (kVp, contrast, body part), before any geometry error.
+7. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
    pixels and convert to HU (`scoring.dicom_pixels`), and check the protocol
    (`scoring.protocol`).
 """
@@ -66,7 +68,7 @@ from scoring.errors import (
     NoEligibleSeriesError,
     SeriesError,
 )
-from scoring.protocol import check_protocol, kvp_of, validate_policy
+from scoring.protocol import check_header_protocol, check_protocol, kvp_of, validate_policy
 from scoring.slice_geometry import (
     SliceRecord,
     check_consistent,
@@ -567,6 +569,10 @@ def load_series(
     logger.info("loading series %s: %d instances, %d images", series, chosen.instance_count, chosen.image_count)
 
     check_identity([instance.dataset for instance in instances], series)
+
+    # Protocol rejections that need no geometry come first, so a contrast scan
+    # is not reported for a gap that re-sending would not cure.
+    check_header_protocol([instance.dataset for instance in instances], policy=policy, series=series)
 
     # Reject lossy pixels before any decoding work.
     for instance in instances:

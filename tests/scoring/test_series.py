@@ -701,6 +701,20 @@ def test_load_series_contrast_agent_rejected_by_default() -> None:
     assert [flag.code for flag in flagged.flags] == ["CONTRAST"]
 
 
+def test_load_series_contrast_with_gap_rejected_for_contrast() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=5), contrast_bolus_agent="Iomeprol 400")
+    del datasets[2]  # a 6 mm gap between z = 3 and z = 9
+    # Re-sending would not cure a contrast scan, so contrast is reported, not the gap.
+    with pytest.raises(
+        ProtocolRefusedError,
+        match=r"is not a calcium-scoring acquisition: contrast agent recorded \(ContrastBolusAgent 'Iomeprol 400'\); "
+        r"calcium scoring needs a non-contrast scan\. Send a non-contrast",
+    ):
+        load_series(datasets)
+    with pytest.raises(SliceSpacingError, match="6.000 mm apart"):
+        load_series(datasets, ProtocolPolicy(contrast="flag"))
+
+
 def test_load_series_contrast_agent_none_text_not_flagged() -> None:
     volume = load_series(make_ct_datasets(_tissue_hu(slices=3), contrast_bolus_agent="NONE"))
     assert volume.flags == ()
