@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,15 +25,32 @@ COMMANDS: dict[str, str] = {
 }
 
 
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+#: Exit status of a command whose standard output was closed early, as a shell reports SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from scoring import __version__
+
     parser = argparse.ArgumentParser(
         prog="cacs-node",
         description="DICOM node that scores coronary artery calcium on CT series.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level",
         default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=_LOG_LEVELS,
+        help="logging level for messages on standard error (default INFO)",
+    )
+    # The same option after the subcommand; SUPPRESS keeps the value given before it when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=_LOG_LEVELS,
         help="logging level for messages on standard error (default INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             if error.name != f"node.commands.{module_name}":
                 raise
             continue
-        subparser = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        subparser = subparsers.add_parser(name, help=module.HELP, description=module.HELP, parents=[common])
         module.configure(subparser)
         subparser.set_defaults(run=module.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -57,6 +76,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     return int(args.run(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand and return its exit status.
+
+    When the reader of standard output goes away (`cacs-node status | head -1`),
+    the command stops quietly with EXIT_BROKEN_PIPE instead of a traceback.
+    """
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Flushing here, also on SystemExit from --help or --version, raises
+            # BrokenPipeError where it can be handled instead of at interpreter exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the final flush at exit stays silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
