@@ -56,8 +56,9 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
         A sentence describing what was done.
 
     Raises:
-        RetryError: the job is still running, is done without `force`, or has
-            a conflict and neither `keep_stored` nor `take_new` was given.
+        RetryError: the job is still running, is done without `force`, has
+            a conflict and neither `keep_stored` nor `take_new` was given, or
+            has no conflict and one of them was given.
         node.jobs.JobStoreError: no such job.
     """
     from node.jobs import ACTIVE_STATES, DONE, FAILED, JobStore
@@ -75,6 +76,12 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
             raise RetryError(f"job {job_id} is done; add --force to score it again")
 
         conflict = jobs.series_conflict(job.series_instance_uid)
+        if not conflict and (keep_stored or take_new):
+            option = "--keep-stored" if keep_stored else "--take-new"
+            raise RetryError(
+                f"job {job_id}: series {job.series_instance_uid} has no conflicting instances, so {option} "
+                f"has nothing to resolve; run `cacs-node retry {job_id}` without it"
+            )
         resolved = ""
         if conflict:
             if not (keep_stored or take_new):

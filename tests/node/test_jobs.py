@@ -337,6 +337,31 @@ def test_retry_conflict_take_new_replaces_instance(node: NodeServer, settings: N
     assert pydicom.dcmread(node.store.absolute(record.path)).WindowWidth == 1500
 
 
+@pytest.mark.parametrize("option", ["--keep-stored", "--take-new"])
+def test_retry_resolution_without_conflict_rejected(node: NodeServer, tmp_path: Path, option: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline = node.pipeline
+    assert isinstance(pipeline, FakePipeline)
+    pipeline.refuse_with = SliceSpacingError("series has a gap")
+    datasets = make_ct_datasets(uid_seed=f"no-conflict{option}")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    job = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+    assert job.state == REFUSED
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nroot = "{node.store.root}"\n', encoding="utf-8")
+
+    status = main(["retry", str(job.id), option, "--config", str(path)])
+
+    assert status == 1
+    assert capsys.readouterr().err == (
+        f"cacs-node retry: job {job.id}: series {job.series_instance_uid} has no conflicting instances, "
+        f"so {option} has nothing to resolve; run `cacs-node retry {job.id}` without it\n"
+    )
+    # The job was not queued again.
+    assert _jobs(node).job(job.id).state == REFUSED
+
+
 # Command line.
 
 
