@@ -183,6 +183,17 @@ class NodeSettings:
     scoring: ScoringSection = field(default_factory=ScoringSection)
 
 
+def uid_root_problem(root: str) -> str:
+    """Return why `root` is not a valid UID root ("" when it is), starting with the root itself."""
+    if _UID_ROOT_PATTERN.match(root) and len(root) <= UID_ROOT_MAX_LENGTH:
+        return ""
+    return (
+        f"{root!r}: expected digits in dot-separated components without leading zeros, ending with '.', "
+        f"at most {UID_ROOT_MAX_LENGTH} characters (for example your organisation's registered root "
+        "followed by '.', such as '1.2.826.0.1.3680043.10.1234.')"
+    )
+
+
 def default_config_path() -> Path:
     """Return the settings file used without --config: $CACS_NODE_CONFIG, else ./node.toml."""
     return Path(os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or "node.toml")
@@ -382,13 +393,9 @@ class _Validator:
                 f"{where}max_pdu_size = {pdu}: use 0 (unlimited) or a length in bytes between "
                 f"{_MIN_PDU_SIZE} and {_MAX_PDU_LIMIT}"
             )
-        root = value["uid_root"]
-        if not _UID_ROOT_PATTERN.match(root) or len(root) > UID_ROOT_MAX_LENGTH:
-            self.problems.append(
-                f"{where}uid_root = {root!r}: expected digits in dot-separated components without "
-                f"leading zeros, ending with '.', at most {UID_ROOT_MAX_LENGTH} characters "
-                "(for example your organisation's registered root followed by '.')"
-            )
+        problem = uid_root_problem(value["uid_root"])
+        if problem:
+            self.problems.append(f"{where}uid_root = {problem}")
         return NodeSection(**value)
 
     def _peers(self, tables: list[dict[str, Any]]) -> tuple[Peer, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_settings
+    from node.config import ConfigError, load_settings, uid_root_problem
     from scoring.agatston import score_volume
     from scoring.config import ProtocolPolicy, ScoringParameters
     from scoring.errors import LabelError, SeriesError
@@ -103,6 +104,17 @@ def run(args: argparse.Namespace) -> int:
     if not dicom_dir.is_dir():
         print(f"cacs-node score: {dicom_dir} is not a folder. Give the folder of the CT series.", file=sys.stderr)
         return EXIT_INPUT_ERROR
+
+    # Check the output options before scoring, which takes minutes with the model.
+    problem = uid_root_problem(uid_root)
+    if problem:
+        print(f"cacs-node score: invalid --uid-root {problem}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    if args.out:
+        out_problem = _output_folder_problem(Path(args.out))
+        if out_problem:
+            print(f"cacs-node score: --out {args.out}: {out_problem}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
 
     regions = None
     try:
@@ -153,6 +165,19 @@ def run(args: argparse.Namespace) -> int:
         for path in derived.paths:
             print(f"wrote {path}", file=stream)
     return 0
+
+
+def _output_folder_problem(out_dir: Path) -> str:
+    """Create `out_dir` if needed; return why it cannot hold the outputs, "" when it can."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return "exists and is not a folder; give a new or existing folder for the SEG, SR and summary image"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create the folder ({error.strerror}); give a folder you can write to"
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        return "the folder is not writable; give a folder you can write to"
+    return ""
 
 
 class _ModelFailure(RuntimeError):

@@ -173,3 +173,41 @@ def test_score_missing_model_exits_three(
     assert status == 3
     assert "the segmentation model failed" in captured.err
     assert "absent.pt" in captured.err
+
+
+def test_score_uid_root_without_dot_rejected_before_scoring(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import scoring.series
+
+    loaded: list[object] = []
+    monkeypatch.setattr(scoring.series, "load_series", lambda *args, **kwargs: loaded.append(args))
+    (tmp_path / "series").mkdir()
+
+    status = main(["score", str(tmp_path / "series"), "--uid-root", "1.2.3", "--out", str(tmp_path / "out")])
+
+    assert status == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cacs-node score: invalid --uid-root '1.2.3': expected digits in dot-separated")
+    assert "such as '1.2.826.0.1.3680043.10.1234.'" in error
+    # The series was never loaded and no output folder was made.
+    assert loaded == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_out_is_a_file_rejected_before_scoring(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import scoring.series
+
+    loaded: list[object] = []
+    monkeypatch.setattr(scoring.series, "load_series", lambda *args, **kwargs: loaded.append(args))
+    (tmp_path / "series").mkdir()
+    (tmp_path / "passwd").write_text("root:x:0:0\n")
+
+    status = main(["score", str(tmp_path / "series"), "--out", str(tmp_path / "passwd")])
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"cacs-node score: --out {tmp_path / 'passwd'}: exists and is not a folder; give a new or existing "
+        "folder for the SEG, SR and summary image\n"
+    )
+    assert loaded == []
