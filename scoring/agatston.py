@@ -166,9 +166,7 @@ def score_volume(
     factor = normalization_factor(volume.slice_increment, parameters.reference_increment_mm)
     calibration, calibrated, calibration_flags = _mass_calibration(volume, parameters)
 
-    candidates = volume.hu >= parameters.threshold_hu
-    candidates &= (labels >= 1) & (labels <= max(ARTERY_LABELS.values()))
-    candidates &= ~volume.padding_mask
+    candidates = _candidate_mask(volume, labels, parameters)
     crop = _bounding_box(candidates)
 
     artery_scores: dict[str, _ArteryScore] = {}
@@ -216,6 +214,70 @@ def score_volume(
     return result
 
 
+def scored_voxel_labels(
+    volume: CTVolume,
+    labels: np.ndarray,
+    parameters: ScoringParameters = ScoringParameters(),
+) -> np.ndarray:
+    """Return the voxels that `score_volume` counts, labelled with their artery.
+
+    A voxel is scored when it is an artery candidate (label 1–3, HU at or
+    above the threshold, not padding) in a 2D 8-connected lesion whose area
+    reaches the minimum lesion area. Writers use this map so that a SEG
+    covers exactly the voxels behind the volume and mass scores.
+
+    Parameters:
+        volume: the CT series in volume order.
+        labels: integer label map of `volume.shape` with values 0–4.
+        parameters: the scoring parameters of the result being described.
+
+    Returns:
+        A uint8 array of `volume.shape`: 1 LAD, 2 LCX, 3 RCA on scored voxels, 0 elsewhere.
+
+    Raises:
+        LabelError: the label map has another shape, a non-integer type, or
+            values outside 0–4.
+        ValueError: a scoring parameter is out of range.
+    """
+    _validate_parameters(parameters)
+    labels = _validated_labels(volume, labels)
+    scored = np.zeros(volume.shape, dtype=np.uint8)
+    candidates = _candidate_mask(volume, labels, parameters)
+    crop = _bounding_box(candidates)
+    if crop is None:
+        return scored
+    scored_crop = scored[crop]
+    for artery in ARTERIES:
+        artery_mask = candidates[crop] & (labels[crop] == ARTERY_LABELS[artery])
+        components, _, passes_minimum_area = _planar_lesions(artery_mask, volume.pixel_area_mm2, parameters)
+        scored_crop[passes_minimum_area[components]] = ARTERY_LABELS[artery]
+    return scored
+
+
+def _candidate_mask(volume: CTVolume, labels: np.ndarray, parameters: ScoringParameters) -> np.ndarray:
+    """Return the artery-labelled voxels at or above the threshold that are not padding."""
+    candidates = volume.hu >= parameters.threshold_hu
+    candidates &= (labels >= 1) & (labels <= max(ARTERY_LABELS.values()))
+    candidates &= ~volume.padding_mask
+    return candidates
+
+
+def _planar_lesions(
+    artery_mask: np.ndarray, pixel_area: float, parameters: ScoringParameters
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label the 2D 8-connected lesions of one artery's candidates on every slice at once.
+
+    Returns the component map (0 background), the pixel count of each
+    component id and whether each id reaches the minimum lesion area. Both
+    arrays have one entry per id. Id 0 (background) counts 0 pixels and never passes.
+    """
+    components, component_count = ndimage.label(artery_mask, structure=IN_PLANE_8_CONNECTIVITY)
+    pixel_counts = np.bincount(components[artery_mask], minlength=component_count + 1)
+    passes_minimum_area = pixel_counts * pixel_area >= parameters.minimum_lesion_area_mm2 - SIZE_TOLERANCE
+    passes_minimum_area[0] = False
+    return components, pixel_counts, passes_minimum_area
+
+
 def _score_artery(
     artery: str,
     artery_mask: np.ndarray,
@@ -233,17 +295,14 @@ def _score_artery(
     pixel_area = volume.pixel_area_mm2
     voxel_volume = volume.voxel_volume_mm3
 
-    # Agatston lesions: 2D 8-connected components of every slice at once.
-    components, component_count = ndimage.label(artery_mask, structure=IN_PLANE_8_CONNECTIVITY)
+    components, pixel_counts, passes_minimum_area = _planar_lesions(artery_mask, pixel_area, parameters)
+    component_count = pixel_counts.size - 1
     if component_count == 0:
         return _ArteryScore(0.0, 0.0, 0.0, ())
     component_ids = components[artery_mask]
     voxel_hu = volume.hu[crop][artery_mask].astype(np.float64)
-    pixel_counts = np.bincount(component_ids, minlength=component_count + 1)
     peaks = np.full(component_count + 1, -np.inf)
     np.maximum.at(peaks, component_ids, voxel_hu)
-    passes_minimum_area = pixel_counts * pixel_area >= parameters.minimum_lesion_area_mm2 - SIZE_TOLERANCE
-    passes_minimum_area[0] = False
     weights = np.where(passes_minimum_area, density_weight(peaks), 0)
 
     # Sum integer pixel counts × weights first, so the float error is one multiplication.

@@ -18,9 +18,8 @@ import logging
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
-from scoring.agatston import IN_PLANE_8_CONNECTIVITY, SIZE_TOLERANCE
+from scoring.agatston import scored_voxel_labels
 from scoring.config import ScoringParameters
 from scoring.errors import LabelError
 from scoring.result import ARTERIES, ARTERY_LABELS, OTHER_CALCIUM, ScoringResult
@@ -213,11 +212,10 @@ def scored_labels(
 ) -> np.ndarray:
     """Return the label volume restricted to the voxels that the scoring counted.
 
-    The rules are those of scoring.agatston.score_volume: an artery's voxels
-    at or above `result.threshold_hu`, outside pixel padding, in 2D
-    8-connected components whose area reaches the minimum lesion area of
-    `parameters` (default ScoringParameters()). OTHER_CALCIUM voxels at or
-    above the threshold stay, for display; scoring ignores them.
+    Artery voxels come from scoring.agatston.scored_voxel_labels with
+    `parameters` (default ScoringParameters()), so they are the voxels behind
+    the result's volume and mass scores. OTHER_CALCIUM voxels at or above
+    the threshold and outside padding stay, for display; scoring ignores them.
 
     Raises:
         ValueError: `parameters.threshold_hu` differs from `result.threshold_hu`.
@@ -228,26 +226,12 @@ def scored_labels(
             f"scoring parameters have threshold {parameters.threshold_hu:g} HU but the result "
             f"was scored at {result.threshold_hu:g} HU; pass the parameters used for the result"
         )
-    calcium = (volume.hu >= result.threshold_hu) & ~volume.padding_mask
-    scored = np.where(calcium & (labels == OTHER_CALCIUM), OTHER_CALCIUM, 0).astype(np.uint8)
-    coronary = calcium & (labels >= 1) & (labels <= 3)
-    if not coronary.any():
-        return scored
-
-    # Label components inside the bounding box of all coronary candidates only.
-    box = tuple(
-        slice(int(indices[0]), int(indices[-1]) + 1)
-        for indices in (np.flatnonzero(coronary.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    )
-    for artery in ARTERIES:
-        candidates = coronary[box] & (labels[box] == ARTERY_LABELS[artery])
-        components, count = ndimage.label(candidates, structure=IN_PLANE_8_CONNECTIVITY)
-        if count == 0:
-            continue
-        areas = np.bincount(components.ravel(), minlength=count + 1) * volume.pixel_area_mm2
-        passes = areas >= parameters.minimum_lesion_area_mm2 - SIZE_TOLERANCE
-        passes[0] = False
-        scored[box][passes[components]] = ARTERY_LABELS[artery]
+    labels = np.asarray(labels)
+    if labels.dtype == np.bool_:
+        labels = labels.astype(np.uint8)
+    scored = scored_voxel_labels(volume, labels, parameters)
+    other_calcium = (labels == OTHER_CALCIUM) & (volume.hu >= result.threshold_hu) & ~volume.padding_mask
+    scored[other_calcium] = OTHER_CALCIUM
     return scored
 
 

@@ -11,6 +11,7 @@ from scoring.agatston import (
     normalization_factor,
     risk_category,
     score_volume,
+    scored_voxel_labels,
 )
 from scoring.config import ScoringParameters
 from scoring.errors import LabelError, SliceSpacingError
@@ -483,3 +484,46 @@ def test_score_volume_boolean_labels_raise() -> None:
     # A boolean mask names no artery, so it is rejected rather than read as LAD.
     with pytest.raises(LabelError, match="data type bool"):
         score_volume(make_volume(hu), labels > 0)
+
+
+def test_scored_voxel_labels_small_lesion_and_padding_excluded() -> None:
+    hu, labels = blank(slices=2)
+    hu[0, 2:4, 2:4] = 450.0  # LAD, 4 pixels = 4 mm²: scored
+    labels[0, 2:4, 2:4] = LAD
+    hu[0, 8, 8] = 450.0  # RCA, 1 pixel = 1 mm²: scored at the default 1 mm² minimum
+    labels[0, 8, 8] = RCA
+    hu[1, 5, 5:7] = 300.0  # LCX, 2 pixels = 0.5 mm² at 0.5 mm spacing below: dropped there
+    labels[1, 5, 5:7] = LCX
+    hu[1, 9, 9] = 500.0  # OTHER_CALCIUM: never an artery voxel
+    labels[1, 9, 9] = OTHER_CALCIUM
+    hu[1, 0, 0] = 600.0  # LAD on padding: never scored
+    labels[1, 0, 0] = LAD
+    padding = np.zeros(hu.shape, dtype=bool)
+    padding[1, 0, 0] = True
+
+    scored = scored_voxel_labels(make_volume(hu, padding_mask=padding), labels)
+    assert scored.dtype == np.uint8
+    assert np.count_nonzero(scored == LAD) == 4
+    assert np.count_nonzero(scored == LCX) == 2
+    assert np.count_nonzero(scored == RCA) == 1
+    assert np.count_nonzero(scored == OTHER_CALCIUM) == 0
+    assert scored[1, 0, 0] == 0
+
+    # At 0.5 × 0.5 mm pixels the 1-pixel RCA (0.25 mm²) and 2-pixel LCX (0.5 mm²) lesions
+    # fall below 1 mm²; the 4-pixel LAD lesion is 4 × 0.25 = 1.0 mm², kept (inclusive).
+    fine = scored_voxel_labels(make_volume(hu, pixel_spacing=(0.5, 0.5), padding_mask=padding), labels)
+    assert np.count_nonzero(fine == LAD) == 4
+    assert np.count_nonzero(fine == LCX) == 0
+    assert np.count_nonzero(fine == RCA) == 0
+
+
+def test_scored_voxel_labels_matches_volume_score() -> None:
+    hu, labels = three_slice_lesion()
+    volume = make_volume(hu)
+
+    scored = scored_voxel_labels(volume, labels)
+    result = score_volume(volume, labels)
+
+    # 13 scored voxels × 1 mm² × 3 mm = 39 mm³, the LAD volume score.
+    assert np.count_nonzero(scored == LAD) == 13
+    assert np.count_nonzero(scored) * volume.voxel_volume_mm3 == result.volume_mm3["LAD"]
