@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, load_settings, uid_root_problem
     from scoring.agatston import score_volume
     from scoring.config import ProtocolPolicy, ScoringParameters
-    from scoring.errors import LabelError, SeriesError
+    from scoring.errors import AmbiguousSeriesError, LabelError, SeriesError
     from scoring.labels import read_label_map
     from scoring.series import load_series
 
@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             labels, regions, model_version = _segment(volume, model_path, device)
         result = score_volume(volume, labels, parameters)
+    except AmbiguousSeriesError as error:
+        print(f"cacs-node score: {error}; pass --series-uid UID to choose one", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except (SeriesError, LabelError) as error:
         print(f"cacs-node score: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -211,3 +211,18 @@ def test_score_out_is_a_file_rejected_before_scoring(tmp_path: Path, capsys: pyt
         "folder for the SEG, SR and summary image\n"
     )
     assert loaded == []
+
+
+def test_score_two_equal_series_names_series_uid_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = make_series_dir(tmp_path / "study" / "a", uid_seed="ambiguous-a")
+    second = make_series_dir(tmp_path / "study" / "b", uid_seed="ambiguous-b")
+
+    status = main(["--log-level", "WARNING", "score", str(tmp_path / "study"), "--labels", "x.nrrd"])
+
+    assert status == 2
+    error = capsys.readouterr().err
+    # Both series have the same slice thickness, so neither is preferred.
+    assert "2 CT series are equally suited for calcium scoring" in error
+    assert str(first[0].SeriesInstanceUID) in error
+    assert str(second[0].SeriesInstanceUID) in error
+    assert error.endswith("; pass --series-uid UID to choose one\n")
