@@ -594,3 +594,24 @@ def test_series_mixed_identity_refused_naming_attribute(settings: NodeSettings, 
     assert f"of {keyword}" in reason
     assert str(odd.SOPInstanceUID) in reason
     assert "OTHER-PATIENT-77" not in reason
+
+
+def test_series_contrast_with_gap_refused_for_contrast(settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(hu=None, uid_seed="contrast-gap")
+    for dataset in datasets:
+        dataset.ContrastBolusAgent = "IOPAMIDOL"
+    del datasets[2]  # a gap between slices 2 and 4
+    server = NodeServer(settings, pipeline=_LoaderOnlyPipeline(settings))
+    server.start()
+    try:
+        store_all(server.port, datasets)
+        assert server.wait_idle(30)
+        jobs = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        server.stop()
+
+    # contrast_policy defaults to "refuse"; re-sending would close the gap but
+    # never remove the contrast agent, so the contrast is the reason given.
+    assert [job.state for job in jobs] == [REFUSED]
+    assert "contrast" in jobs[0].reason.lower()
+    assert "gap" not in jobs[0].reason.lower()
