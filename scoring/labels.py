@@ -16,9 +16,7 @@ plane position.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import SimpleITK as sitk
 from pydicom.uid import UID
 
 from scoring.errors import LabelError
+from scoring.fileio import atomic_path
 from scoring.result import LAD, LCX, OTHER_CALCIUM, RCA
 from scoring.volume import CTVolume
 
@@ -117,16 +116,8 @@ def write_label_map(path: str | Path, labels: np.ndarray, volume: CTVolume) -> P
     image.SetOrigin(tuple(float(v) for v in volume.positions[0]))
     image.SetDirection(tuple(float(v) for v in _volume_axes_xyz(volume).T.ravel()))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{uuid.uuid4().hex}.tmp-{path.name}")
-    try:
+    with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     logger.info("wrote label map %s for series %s", path, volume.series_instance_uid)
     return path
 

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, CTImageStorage, generate_uid
 from scipy import ndimage
 
 from scoring.config import DEFAULT_MASS_CALIBRATION_FACTOR
+from scoring.fileio import atomic_writer
 from scoring.phantom_anatomy import Anatomy, Grid, paint_ribs, paint_slice, render_template, rib_ring, sample_anatomy
 from scoring.phantom_calcium import (
     BURDEN_CLASSES,
@@ -585,17 +584,9 @@ def _uid_seed(seed: int, mode: str, *options: object) -> str:
 
 
 def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, "w", encoding="utf-8") as stream:
+        json.dump(document, stream, indent=2, sort_keys=False)
+        stream.write("\n")
 
 
 def truth_document(case: PhantomCase) -> dict[str, Any]:

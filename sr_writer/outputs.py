@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from scoring.config import ScoringParameters
+from scoring.fileio import atomic_writer
 from scoring.result import ScoringResult
 from scoring.volume import CTVolume
 from sr_writer.identity import AlgorithmIdentification, normalize_uid_root
@@ -124,16 +124,6 @@ def _write_dataset(dataset: Dataset, folder: Path) -> Path:
     if not uid or not all(character.isdigit() or character == "." for character in uid):
         raise ValueError(f"SOP Instance UID {uid!r} is not a valid UID; refusing to use it as a file name")
     target = folder / f"{uid}.dcm"
-    handle, temporary_name = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".dcm")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            dataset.save_as(stream, enforce_file_format=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        # mkstemp creates mode 0600; outputs are ordinary readable files.
-        os.chmod(temporary_name, 0o644)
-        os.replace(temporary_name, target)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    with atomic_writer(target) as stream:
+        dataset.save_as(stream, enforce_file_format=True)
     return target
