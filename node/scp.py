@@ -24,7 +24,8 @@ C-STORE statuses (PS3.4 Annex B.2.3):
 - 0xA700 free space below `[storage] min_free_space_mb`, or the write failed;
 - 0xA900 the dataset's SOP Class UID differs from the request's Affected SOP
   Class UID, or a UID needed to file it (Study, Series, SOP Instance) is missing;
-- 0xC210 the dataset cannot be parsed;
+- 0xC210 the dataset cannot be parsed, or its Pixel Data is shorter or longer
+  than the image it describes (see `_check_pixel_data`);
 - 0xC211 the dataset's SOP Instance UID differs from the request's Affected
   SOP Instance UID, or a UID is not a valid UID.
 """
@@ -179,6 +180,64 @@ def _check_structure(dataset: Dataset, total_length: int) -> None:
         element.value  # noqa: B018 - converting every value makes a corrupt one raise here
     if "SOPClassUID" not in dataset and "SOPInstanceUID" not in dataset:
         raise ValueError("no SOP Class UID and no SOP Instance UID found; the bytes are not a DICOM dataset")
+
+
+_NATIVE_TRANSFER_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) in little endian
+_SEQUENCE_DELIMITER_TAG = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
+
+
+def _check_pixel_data(dataset: Dataset, transfer_syntax: str) -> None:
+    """Raise ValueError when Pixel Data cannot hold the image that the Image Pixel module describes.
+
+    Native (uncompressed) Pixel Data must have Rows × Columns × Samples per
+    Pixel × Bits Allocated / 8 × Number of Frames bytes, padded to an even
+    length (PS3.5 section 8.1.1). Encapsulated Pixel Data must be a Basic
+    Offset Table item followed by at least one fragment per frame, each item
+    inside the received bytes (PS3.5 section A.4). A dataset without Pixel
+    Data passes; the series loader reports it.
+    """
+    if "PixelData" not in dataset:
+        return
+    pixel_data = dataset.PixelData
+    if not isinstance(pixel_data, (bytes, bytearray)):
+        raise ValueError("Pixel Data has no byte value")
+    missing = [name for name in ("Rows", "Columns", "BitsAllocated") if dataset.get(name) is None]
+    if missing:
+        raise ValueError(f"Pixel Data present but {', '.join(missing)} missing")
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    if transfer_syntax in _NATIVE_TRANSFER_SYNTAXES:
+        samples = int(dataset.get("SamplesPerPixel") or 1)
+        bits = int(dataset.Rows) * int(dataset.Columns) * samples * int(dataset.BitsAllocated) * frames
+        expected = (bits + 7) // 8
+        expected += expected % 2
+        if len(pixel_data) != expected:
+            raise ValueError(
+                f"Pixel Data has {len(pixel_data)} bytes, expected {expected} for {frames} frame(s) of "
+                f"{dataset.Rows} x {dataset.Columns} x {samples} samples of {dataset.BitsAllocated} bits"
+            )
+        return
+
+    # Encapsulated: item tag and 32-bit length pairs until the end or the sequence delimiter.
+    offset = 0
+    items = 0
+    while offset < len(pixel_data):
+        tag = bytes(pixel_data[offset : offset + 4])
+        if tag == _SEQUENCE_DELIMITER_TAG:
+            break
+        if tag != _ITEM_TAG or offset + 8 > len(pixel_data):
+            raise ValueError(f"encapsulated Pixel Data has no item tag at byte {offset}")
+        length = int.from_bytes(pixel_data[offset + 4 : offset + 8], "little")
+        if offset + 8 + length > len(pixel_data):
+            raise ValueError(
+                f"encapsulated Pixel Data item at byte {offset} declares {length} bytes, "
+                f"{len(pixel_data) - offset - 8} remain"
+            )
+        items += 1
+        offset += 8 + length
+    # The first item is the Basic Offset Table; each frame needs at least one fragment after it.
+    if items - 1 < frames:
+        raise ValueError(f"encapsulated Pixel Data has {max(items - 1, 0)} fragment(s) for {frames} frame(s)")
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -401,6 +460,16 @@ class StorageSCP:
                 error,
             )
             return _failure(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(error).__name__}"), "unparseable"
+        try:
+            _check_pixel_data(dataset, transfer_syntax)
+        except (ValueError, TypeError) as error:
+            logger.error(
+                "C-STORE %s from %s: response status 0xC210: %s; the instance was cut short or damaged on the way",
+                requested_instance,
+                caller,
+                error,
+            )
+            return _failure(STATUS_CANNOT_PARSE, "Pixel Data does not match Rows, Columns, bits"), "unparseable"
 
         checked = self._check_identity(dataset, requested_class, requested_instance, caller)
         if isinstance(checked, Dataset):

@@ -517,3 +517,36 @@ def test_associate_idle_connection_closed_after_identify_timeout(tmp_path: Path)
         assert time.monotonic() - started < 10
     finally:
         server.stop()
+
+
+def test_store_short_pixel_data_returns_c210_then_full_stored(node: NodeServer) -> None:
+    datasets = make_ct_datasets(uid_seed="short-pixels")
+    full = datasets[0]
+    cut = make_ct_datasets(uid_seed="short-pixels")[0]
+    # 32 x 32 pixels of 16 bits are 2048 bytes; the cut copy keeps 2048 - 200 = 1848.
+    cut.PixelData = full.PixelData[:-200]
+
+    statuses = store_all(node.port, [cut, full])
+
+    assert statuses == [0xC210, 0x0000]
+    assert node.jobs is not None
+    record = node.jobs.find_instance(str(full.SOPInstanceUID))
+    assert record is not None
+    # The complete copy is the first one stored, so the series has no conflict.
+    assert node.jobs.series_conflict(str(full.SeriesInstanceUID)) == ""
+    assert pydicom.dcmread(node.store.absolute(record.path)).PixelData == full.PixelData
+
+
+def test_store_broken_rle_fragment_returns_c210(node: NodeServer) -> None:
+    dataset = make_ct_datasets(transfer_syntax=RLELossless, uid_seed="rle-broken")[0]
+    # Keep the Basic Offset Table item and the first 8 bytes of the fragment's
+    # item header, then declare 4 more bytes than follow.
+    data = bytes(dataset.PixelData)
+    table_length = int.from_bytes(data[4:8], "little")
+    fragment = 8 + table_length
+    declared = int.from_bytes(data[fragment + 4 : fragment + 8], "little")
+    dataset.PixelData = data[: fragment + 4] + (declared + 4).to_bytes(4, "little") + data[fragment + 8 :]
+
+    statuses = store_all(node.port, [dataset], contexts=[(CT_IMAGE_STORAGE, [RLELossless])])
+
+    assert statuses == [0xC210]
