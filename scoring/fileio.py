@@ -1,6 +1,6 @@
 """Atomic file writes: write to a temporary file in the target folder, fsync it, then rename it.
 
-A reader of the target path sees either the old file or the complete new one,
+A reader of the target path opens either the old file or the complete new one,
 never a partial file, because os.replace is atomic within one file system.
 After the rename the folder is fsynced too (POSIX only), so the new name
 survives a power loss.
@@ -29,47 +29,24 @@ FILE_MODE = 0o644
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file for writing and move it onto `path` when the block ends without error.
+def atomic_path(path: str | os.PathLike[str], *, keep_extension: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder and move it onto `path` when the block ends.
 
     path: the target file; its folder is created when missing.
-    mode: "wb" for bytes or "w" for text (then pass `encoding`).
-    On an exception inside the block the temporary file is deleted, the
-    target is left unchanged and the exception propagates. Raises OSError
-    when the folder cannot be created or the write, fsync or rename fails.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"mode is {mode!r}; expected 'wb' or 'w'")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=target.parent)
-    try:
-        with os.fdopen(descriptor, mode, encoding=encoding) as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_folder(target.parent)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path for a writer that opens files by name; move it onto `path` afterwards.
-
-    The temporary name ends with the target's name, so the writer sees the
-    target's extension (".nrrd", ".nii.gz"). The writer must have written
-    and closed the file when the block ends. The file is then fsynced and
-    renamed as in `atomic_writer`, and deleted when the block raises.
+    keep_extension: end the temporary name with the target's name, for
+        writers that pick the format from the extension (SimpleITK with
+        ".nrrd" or ".nii.gz"). Without it the name ends in ".tmp", so a
+        reader of the folder never takes the file for a finished ".dcm".
+    The writer must have written and closed the file when the block ends.
+    The file is then fsynced, made FILE_MODE and renamed, and the folder
+    fsynced. On an exception inside the block the temporary file is deleted,
+    the target is left unchanged and the exception propagates. Raises OSError
+    when the folder cannot be created or the fsync or rename fails.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=TEMPORARY_PREFIX, suffix=f"{TEMPORARY_SUFFIX}-{target.name}", dir=target.parent
-    )
+    suffix = f"{TEMPORARY_SUFFIX}-{target.name}" if keep_extension else TEMPORARY_SUFFIX
+    descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=suffix, dir=target.parent)
     os.close(descriptor)
     try:
         yield Path(temporary)
@@ -81,6 +58,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_folder(target.parent)
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing and move it onto `path` when the block ends (see `atomic_path`).
+
+    mode: "wb" for bytes or "w" for text (then pass `encoding`).
+    Raises ValueError for another mode.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode is {mode!r}; expected 'wb' or 'w'")
+    with atomic_path(path, keep_extension=False) as temporary:
+        with open(temporary, mode, encoding=encoding) as stream:
+            yield stream
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

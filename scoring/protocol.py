@@ -30,7 +30,12 @@ from pydicom.dataset import Dataset
 
 from scoring.config import ProtocolPolicy
 from scoring.errors import ProtocolRefusedError
-from scoring.slice_geometry import functional_group_item, functional_group_value, instance_attribute
+from scoring.slice_geometry import (
+    functional_group_item,
+    functional_group_value,
+    instance_attribute,
+    optional_float,
+)
 from scoring.volume import ProtocolFlag
 
 logger = logging.getLogger(__name__)
@@ -53,18 +58,9 @@ CARDIAC_BODY_PARTS = frozenset({"CHEST", "HEART", "CORONARYARTERY", "THORAX"})
 NO_CONTRAST_TEXTS = frozenset({"NONE", "NO", "N", "NIL", "NO CONTRAST", "NON-CONTRAST", "NONCONTRAST", "0"})
 
 
-def _float_or_none(value: object) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
 def kvp_of(header: Dataset) -> float | None:
     """Return the KVP of an instance (its first frame for a multi-frame instance); see `kvp_values`."""
-    return _float_or_none(instance_attribute(header, "KVP"))
+    return optional_float(instance_attribute(header, "KVP"))
 
 
 def kvp_values(header: Dataset) -> list[float]:
@@ -75,11 +71,11 @@ def kvp_values(header: Dataset) -> list[float]:
     Per-Frame or Shared Converted Attributes (Legacy Converted Enhanced CT).
     Frames without a KVP are left out.
     """
-    top_level = _float_or_none(header.get("KVP"))
+    top_level = optional_float(header.get("KVP"))
     if top_level is not None:
         return [top_level]
     frames = int(header.get("NumberOfFrames", 1) or 1)
-    values = (_float_or_none(functional_group_value(header, index, "KVP")) for index in range(frames))
+    values = (optional_float(functional_group_value(header, index, "KVP")) for index in range(frames))
     return [value for value in values if value is not None]
 
 
@@ -104,7 +100,7 @@ def contrast_evidence(header: Dataset) -> str | None:
     if ingredient and ingredient.upper() not in NO_CONTRAST_TEXTS:
         return f"ContrastBolusIngredient '{ingredient}'"
     for keyword in ("ContrastBolusVolume", "ContrastBolusTotalDose"):
-        amount = _float_or_none(instance_attribute(header, keyword))
+        amount = optional_float(instance_attribute(header, keyword))
         if amount is not None and amount > 0:
             return f"{keyword} {amount:g} ml"
     usage = functional_group_item(header, 0, "ContrastBolusUsageSequence")

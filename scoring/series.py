@@ -75,6 +75,7 @@ from scoring.slice_geometry import (
     functional_group_item,
     instance_attribute,
     multi_frame_records,
+    optional_float,
     single_frame_record,
     slice_normal,
     sort_and_measure,
@@ -376,10 +377,7 @@ def _nominal_thickness(instance: _Instance) -> float | None:
     if instance.sop_class_uid != CT_IMAGE_STORAGE:
         item = functional_group_item(instance.dataset, 0, "PixelMeasuresSequence")
         value = None if item is None else item.get("SliceThickness")
-    try:
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
+    return optional_float(value)
 
 
 def _summarize(series_uid: str, instances: Sequence[_Instance]) -> SeriesSummary:

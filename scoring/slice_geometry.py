@@ -91,7 +91,8 @@ def _floats(value: object, count: int, attribute: str, name: str) -> np.ndarray:
     return numbers
 
 
-def _optional_float(value: object) -> float | None:
+def optional_float(value: object) -> float | None:
+    """Return `value` as a float, or None when it is missing, empty or not a number."""
     if value is None or value == "":
         return None
     try:
@@ -139,7 +140,7 @@ def single_frame_record(dataset: Dataset, instance_index: int, name: str) -> Sli
         columns=int(dataset.Columns),
         slope=slope,
         intercept=intercept,
-        slice_thickness=_optional_float(dataset.get("SliceThickness")),
+        slice_thickness=optional_float(dataset.get("SliceThickness")),
         name=name,
     )
 
@@ -245,7 +246,7 @@ def multi_frame_records(dataset: Dataset, instance_index: int, name: str) -> lis
                 columns=int(dataset.Columns),
                 slope=slope,
                 intercept=intercept,
-                slice_thickness=_optional_float(measures_item.get("SliceThickness")),
+                slice_thickness=optional_float(measures_item.get("SliceThickness")),
                 name=frame_name,
             )
         )

@@ -105,17 +105,14 @@ def build_seg(
         _check_volume_score(volume, artery, mask, result)
         masks.append(mask)
         descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=len(descriptions) + 1,
-                segment_label=f"{artery} calcium",
-                segmented_property_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
-                segmented_property_type=codes.PATHOLOGIC_CALCIFICATION,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=_algorithm_sequence(algorithm),
-                tracking_uid=new_uid(uid_root),
-                tracking_id=f"{artery} calcium",
-                anatomic_regions=list(codes.ARTERY_REGIONS[artery]),
-                display_color=hd.color.CIELabColor.from_rgb(*ARTERY_COLORS[artery]),
+            _artery_segment(
+                artery,
+                len(descriptions) + 1,
+                "calcium",
+                codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+                codes.PATHOLOGIC_CALCIFICATION,
+                algorithm,
+                uid_root,
             )
         )
     if not masks:
@@ -163,17 +160,14 @@ def build_region_seg(
             continue
         masks.append(mask)
         descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=len(descriptions) + 1,
-                segment_label=f"{artery} region",
-                segmented_property_category=codes.ANATOMICAL_STRUCTURE,
-                segmented_property_type=codes.ARTERY_REGIONS[artery][0],
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=_algorithm_sequence(algorithm),
-                tracking_uid=new_uid(uid_root),
-                tracking_id=f"{artery} region",
-                anatomic_regions=list(codes.ARTERY_REGIONS[artery]),
-                display_color=hd.color.CIELabColor.from_rgb(*ARTERY_COLORS[artery]),
+            _artery_segment(
+                artery,
+                len(descriptions) + 1,
+                "region",
+                codes.ANATOMICAL_STRUCTURE,
+                codes.ARTERY_REGIONS[artery][0],
+                algorithm,
+                uid_root,
             )
         )
     if not masks:
@@ -233,6 +227,34 @@ def scored_labels(
     other_calcium = (labels == OTHER_CALCIUM) & (volume.hu >= result.threshold_hu) & ~volume.padding_mask
     scored[other_calcium] = OTHER_CALCIUM
     return scored
+
+
+def _artery_segment(
+    artery: str,
+    segment_number: int,
+    content: str,
+    category: hd.sr.CodedConcept,
+    property_type: hd.sr.CodedConcept,
+    algorithm: AlgorithmIdentification,
+    uid_root: str,
+) -> hd.seg.SegmentDescription:
+    """Describe one automatic segment of an artery, labelled and tracked as "<artery> <content>".
+
+    The anatomic region and display colour are the artery's, and the
+    tracking UID is new, so calcium and region segments of one artery differ.
+    """
+    return hd.seg.SegmentDescription(
+        segment_number=segment_number,
+        segment_label=f"{artery} {content}",
+        segmented_property_category=category,
+        segmented_property_type=property_type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=_algorithm_sequence(algorithm),
+        tracking_uid=new_uid(uid_root),
+        tracking_id=f"{artery} {content}",
+        anatomic_regions=list(codes.ARTERY_REGIONS[artery]),
+        display_color=hd.color.CIELabColor.from_rgb(*ARTERY_COLORS[artery]),
+    )
 
 
 def _check_volume_score(volume: CTVolume, artery: str, mask: np.ndarray, result: ScoringResult) -> None:

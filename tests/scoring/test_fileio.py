@@ -52,3 +52,17 @@ def test_atomic_path_temporary_keeps_extension(tmp_path: Path) -> None:
     assert seen_name.endswith(".tmp-labels.nii.gz")
     assert target.read_bytes() == b"image"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["labels.nii.gz"]
+
+
+def test_atomic_writer_temporary_ends_in_tmp(tmp_path: Path) -> None:
+    target = tmp_path / "1.2.3.dcm"
+
+    with atomic_writer(target) as stream:
+        names = [path.name for path in tmp_path.iterdir()]
+        stream.write(b"DICM")
+
+    # A half-written object never carries the .dcm suffix of a finished one.
+    assert len(names) == 1
+    assert names[0].startswith(".partial-")
+    assert names[0].endswith(".tmp")
+    assert target.read_bytes() == b"DICM"
