@@ -305,13 +305,17 @@ class JobStore:
                     (series_instance_uid,),
                 )
             ]
-            shown = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
-            reason = (
-                f"series has conflicting instances: {len(uids)} SOP instance(s) ({shown}) were received again "
-                "with different content. The first copies are kept in incoming/ and the new copies in "
-                "conflicts/ under the storage root. Check which copy is right, then run "
-                "`cacs-node retry JOB --keep-stored` or `cacs-node retry JOB --take-new`"
-            )
+            moved = _cross_series(cursor, series_instance_uid)
+            if moved:
+                reason = _cross_series_reason(series_instance_uid, moved)
+            else:
+                shown = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
+                reason = (
+                    f"series has conflicting instances: {len(uids)} SOP instance(s) ({shown}) were received again "
+                    "with different content. The first copies are kept in incoming/ and the new copies in "
+                    "conflicts/ under the storage root. Check which copy is right, then run "
+                    "`cacs-node retry JOB --keep-stored` or `cacs-node retry JOB --take-new`"
+                )
             cursor.execute(
                 "UPDATE series SET conflict = ? WHERE series_instance_uid = ?", (reason, series_instance_uid)
             )
@@ -364,6 +368,11 @@ class JobStore:
         if row is None or not row[0]:
             return ""
         return f"{row[0]}@{row[1]}"
+
+    def cross_series_conflicts(self, series_uid: str) -> dict[str, str]:
+        """Return SOPInstanceUID → other series, for the series' conflicting copies stored under another series."""
+        with self._lock:
+            return _cross_series(self._connection.cursor(), series_uid)
 
     def conflicts_of_series(self, series_uid: str) -> list[dict[str, Any]]:
         """Return the conflicting copies of a series, oldest first."""
@@ -686,6 +695,30 @@ class JobStore:
                     ACTIVE_STATES,
                 ).fetchone()[0]
             )
+
+
+def _cross_series(cursor: sqlite3.Cursor, series_uid: str) -> dict[str, str]:
+    rows = cursor.execute(
+        "SELECT DISTINCT c.sop_instance_uid, i.series_instance_uid FROM conflicts c"
+        " JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid"
+        " WHERE c.series_instance_uid = ? AND i.series_instance_uid != c.series_instance_uid ORDER BY c.id",
+        (series_uid,),
+    ).fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def _cross_series_reason(series_uid: str, moved: dict[str, str]) -> str:
+    """Explain a series whose SOP Instance UIDs are already stored in another series."""
+    uids = list(moved)
+    shown = ", ".join(uids[:5]) + (f" and {len(uids) - 5} more" if len(uids) > 5 else "")
+    others = ", ".join(sorted(set(moved.values())))
+    return (
+        f"series {series_uid} reuses {len(uids)} SOP Instance UID(s) ({shown}) already stored in series "
+        f"{others}: a SOP Instance UID names one instance of one series, so the sender reused UIDs. "
+        "The stored series is unchanged, and the new copies are kept in conflicts/ under the storage root "
+        "and not scored. Check both series at the sender and re-send this one with new SOP Instance UIDs; "
+        "`cacs-node retry JOB --keep-stored` deletes the copies"
+    )
 
 
 def _job_from_row(row: sqlite3.Row) -> Job:

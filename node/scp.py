@@ -556,7 +556,7 @@ class StorageSCP:
             if existing.digest == digest or self._same_content(existing, file_bytes):
                 logger.info("identical copy of a stored instance ignored: %s", ids)
                 return STATUS_SUCCESS, "duplicate"
-            return self._file_conflict(file_bytes, study_uid, series_uid, sop_uid, digest, caller, ids)
+            return self._file_conflict(file_bytes, study_uid, series_uid, sop_uid, digest, caller, ids, existing)
 
         try:
             path = self.store.instance_path(study_uid, series_uid, sop_uid)
@@ -596,6 +596,7 @@ class StorageSCP:
         digest: str,
         caller: Caller,
         ids: str,
+        existing: InstanceRecord,
     ) -> tuple[int | Dataset, str]:
         try:
             path = self.store.conflict_path(series_uid, sop_uid, digest)
@@ -615,9 +616,17 @@ class StorageSCP:
             calling_ae_title=caller.calling_ae_title,
             peer_address=caller.address,
         )
-        logger.warning(
-            "instance re-sent with different content; series held as conflicting until an operator acts: %s", ids
-        )
+        if existing.series_instance_uid != series_uid:
+            logger.warning(
+                "SOP Instance UID already stored in series %s re-sent in another series; "
+                "series held as conflicting until an operator acts: %s",
+                existing.series_instance_uid,
+                ids,
+            )
+        else:
+            logger.warning(
+                "instance re-sent with different content; series held as conflicting until an operator acts: %s", ids
+            )
         return STATUS_SUCCESS, "conflict"
 
     def _same_content(self, existing: InstanceRecord, file_bytes: bytes) -> bool:

@@ -83,6 +83,13 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
                 f"has nothing to resolve; run `cacs-node retry {job_id}` without it"
             )
         resolved = ""
+        moved = jobs.cross_series_conflicts(job.series_instance_uid) if conflict else {}
+        if take_new and moved:
+            sop_uid, other = next(iter(moved.items()))
+            raise RetryError(
+                f"job {job_id}: --take-new would move instance {sop_uid} out of series {other} into series "
+                f"{job.series_instance_uid}; use --keep-stored and re-send the series with new SOP Instance UIDs"
+            )
         if conflict:
             if not (keep_stored or take_new):
                 raise RetryError(

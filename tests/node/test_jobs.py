@@ -615,3 +615,28 @@ def test_series_contrast_with_gap_refused_for_contrast(settings: NodeSettings) -
     assert [job.state for job in jobs] == [REFUSED]
     assert "contrast" in jobs[0].reason.lower()
     assert "gap" not in jobs[0].reason.lower()
+
+
+def test_instance_uid_reused_in_other_series_refused_naming_both(node: NodeServer, settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(uid_seed="reused-first")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    reused = make_ct_datasets(uid_seed="reused-first")[0]
+    reused.SeriesInstanceUID = generate_uid()
+    first_series, second_series = str(datasets[0].SeriesInstanceUID), str(reused.SeriesInstanceUID)
+
+    assert store_all(node.port, [reused]) == [0x0000]
+    assert node.wait_idle(20)
+    store = _jobs(node)
+    second_jobs = store.jobs_of_series(second_series)
+
+    # The stored series keeps its instance and its done job.
+    assert [job.state for job in store.jobs_of_series(first_series)] == [DONE]
+    assert store.find_instance(str(reused.SOPInstanceUID)).series_instance_uid == first_series
+    assert [(job.state, job.instance_count) for job in second_jobs] == [(REFUSED, 0)]
+    assert second_jobs[0].reason.startswith(
+        f"series {second_series} reuses 1 SOP Instance UID(s) ({reused.SOPInstanceUID}) already stored in "
+        f"series {first_series}: "
+    )
+    with pytest.raises(RetryError, match=f"--take-new would move instance {reused.SOPInstanceUID} out of series"):
+        retry_job(settings, second_jobs[0].id, take_new=True)
