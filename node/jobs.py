@@ -413,6 +413,26 @@ class JobStore:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def receiving_series(self) -> list[dict[str, Any]]:
+        """Series with instances not yet handed to a job, or with an unresolved conflict, newest arrival first.
+
+        Each entry has series_instance_uid, study_instance_uid, calling_ae_title,
+        instance_count (instances stored so far), conflict_count (re-sent
+        copies kept apart), first_received_at, last_received_at, pending
+        (still in its quiet period) and conflict (the reason, "" when none).
+        """
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT s.series_instance_uid, s.study_instance_uid, s.calling_ae_title,"
+                " s.first_received_at, s.last_received_at, s.pending, s.conflict,"
+                " (SELECT COUNT(*) FROM instances i WHERE i.series_instance_uid = s.series_instance_uid)"
+                " AS instance_count,"
+                " (SELECT COUNT(*) FROM conflicts c WHERE c.series_instance_uid = s.series_instance_uid)"
+                " AS conflict_count"
+                " FROM series s WHERE s.pending = 1 OR s.conflict != '' ORDER BY s.last_received_at DESC"
+            ).fetchall()
+        return [{**dict(row), "pending": bool(row["pending"])} for row in rows]
+
     def pending_series_count(self) -> int:
         """Number of series with instances not yet handed to a job."""
         with self._lock:

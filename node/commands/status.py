@@ -64,9 +64,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
         jobs = store.jobs(limit=args.limit)
+        receiving = store.receiving_series()
         if args.json:
-            print(json.dumps({"jobs": [job.to_json() for job in jobs]}, indent=2))
+            print(json.dumps({"jobs": [job.to_json() for job in jobs], "receiving": receiving}, indent=2))
             return 0
+        _print_receiving(receiving, settings.scoring.quiet_period_s)
         if not jobs:
             print("no jobs yet")
             return 0
@@ -81,6 +83,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _print_receiving(receiving: list[dict], quiet_period_s: float) -> None:
+    """Print the series still in their quiet period and those held for a conflict."""
+    for series in receiving:
+        state = f"receiving (quiet period {quiet_period_s:g} s)" if series["pending"] else "held"
+        origin = f" from {series['calling_ae_title']}" if series["calling_ae_title"] else ""
+        print(f"series {series['series_instance_uid']}: {state}{origin}, {series['instance_count']} instance(s), "
+              f"last at {_time(series['last_received_at'])}")
+        if series["conflict"]:
+            print(f"  conflict ({series['conflict_count']} re-sent copy(ies)): {series['conflict']}")
+    if receiving:
+        print()
 
 
 def _print_detail(detail: dict) -> None:

@@ -24,6 +24,7 @@ from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, JobStore
 from node.pipeline import ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.server import NodeServer
+from node.storage import InstanceStore
 from scoring.errors import SliceSpacingError
 from tests.factories import make_ct_datasets
 from tests.node.helpers import FakePipeline, make_settings, store_all, wait_for, write_untrained_model
@@ -640,3 +641,33 @@ def test_instance_uid_reused_in_other_series_refused_naming_both(node: NodeServe
     )
     with pytest.raises(RetryError, match=f"--take-new would move instance {reused.SOPInstanceUID} out of series"):
         retry_job(settings, second_jobs[0].id, take_new=True)
+
+
+def test_status_shows_receiving_series_and_conflict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "storage"
+    root.mkdir()
+    store = JobStore(InstanceStore(root, 0).database_path)
+    received_at = time.time()
+    for index in range(3):
+        _record(store, "1.2.3", f"1.2.3.{index}", received_at)
+    # 1.2.4 arrives a second later, so it is listed first.
+    _record(store, "1.2.4", "1.2.4.1", received_at + 1)
+    store.record_conflict("1.2.4.1", "1.2.4", "1.2", "conflicts/x.dcm", "f" * 64, received_at=received_at + 1)
+    store.close()
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nroot = "{root}"\n', encoding="utf-8")
+
+    assert main(["status", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Both series are in their quiet period (default 30 s); 1.2.4 also holds one re-sent copy.
+    assert lines[0].startswith("series 1.2.4: receiving (quiet period 30 s), 1 instance(s), last at ")
+    assert lines[1].startswith("  conflict (1 re-sent copy(ies)): series has conflicting instances: 1 SOP instance(s)")
+    assert lines[2].startswith("series 1.2.3: receiving (quiet period 30 s), 3 instance(s), last at ")
+    assert lines[-1] == "no jobs yet"
+
+    assert main(["status", "--config", str(path), "--json"]) == 0
+    receiving = json.loads(capsys.readouterr().out)["receiving"]
+    assert [(s["series_instance_uid"], s["instance_count"], s["conflict_count"]) for s in receiving] == [
+        ("1.2.4", 1, 1),
+        ("1.2.3", 3, 0),
+    ]
