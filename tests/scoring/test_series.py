@@ -248,7 +248,7 @@ def test_load_series_short_dcm_file_raises(tmp_path: Path, kept_bytes: int) -> N
         load_series(tmp_path)
 
 
-def test_load_series_short_uid_named_file_beside_slices_raises(tmp_path: Path) -> None:
+def test_load_series_short_uid_file_raises(tmp_path: Path) -> None:
     datasets = make_series_dir(tmp_path / "series", blank_hu(slices=3), uid_seed="short-uid")
     damaged = tmp_path / "series" / f"{datasets[2].SOPInstanceUID}.dcm"
     renamed = damaged.with_suffix("")  # a UID name: its last component "1234" reads as a digits-only suffix
@@ -273,7 +273,7 @@ def test_load_series_short_non_dicom_files_dropped(tmp_path: Path, caplog: pytes
 # --- patient, study and frame of reference identity ------------------------------
 
 
-def test_load_series_patient_id_differs_raises_without_values(
+def test_load_series_patient_id_differs_raises(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     datasets = make_series_dir(tmp_path, _tissue_hu(slices=4), uid_seed="identity")
@@ -307,7 +307,7 @@ def test_load_series_identity_attribute_differs_raises(keyword: str) -> None:
     assert "Other^Patient" not in str(raised.value)
 
 
-def test_load_series_frame_of_reference_missing_counted_as_value() -> None:
+def test_load_series_missing_frame_of_reference_raises() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=3))
     frame_of_reference = datasets[0].FrameOfReferenceUID
     del datasets[1].FrameOfReferenceUID
@@ -589,7 +589,7 @@ def _legacy_converted(datasets: list[Dataset]) -> Dataset:
     )
 
 
-def test_load_series_legacy_converted_kvp_in_unassigned_group_read() -> None:
+def test_load_series_legacy_kvp_read() -> None:
     legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3), kvp=120.0))
     # highdicom 0.28 moves KVP into Shared > UnassignedSharedConvertedAttributesSequence.
     assert "KVP" not in legacy
@@ -598,13 +598,13 @@ def test_load_series_legacy_converted_kvp_in_unassigned_group_read() -> None:
     assert volume.flags == ()
 
 
-def test_load_series_legacy_converted_kvp_100_flagged() -> None:
+def test_load_series_legacy_kvp_100_flagged() -> None:
     volume = load_series([_legacy_converted(make_ct_datasets(_tissue_hu(slices=3), kvp=100.0))])
     assert [flag.code for flag in volume.flags] == ["KVP"]
     assert volume.flags[0].message.startswith("acquired at 100 kVp")
 
 
-def test_load_series_legacy_converted_contrast_in_unassigned_group_rejected() -> None:
+def test_load_series_legacy_contrast_rejected() -> None:
     legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3)))
     unassigned = legacy.SharedFunctionalGroupsSequence[0].UnassignedSharedConvertedAttributesSequence[0]
     unassigned.ContrastBolusAgent = "Iopromide 370"
@@ -612,7 +612,7 @@ def test_load_series_legacy_converted_contrast_in_unassigned_group_rejected() ->
         load_series([legacy])
 
 
-def test_load_series_enhanced_ct_kvp_per_frame_differs_flagged() -> None:
+def test_load_series_enhanced_frame_kvp_differs_flagged() -> None:
     enhanced = build_enhanced_ct_dataset(_tissue_hu(slices=3))
     enhanced.SharedFunctionalGroupsSequence[0].CTXRayDetailsSequence[0].KVP = 120
     details = Dataset()
@@ -623,7 +623,7 @@ def test_load_series_enhanced_ct_kvp_per_frame_differs_flagged() -> None:
     assert "kVp differs between slices (100, 120)" in volume.flags[0].message
 
 
-def test_load_series_legacy_converted_body_part_in_unassigned_group_flagged() -> None:
+def test_load_series_legacy_body_part_flagged() -> None:
     legacy = _legacy_converted(make_ct_datasets(_tissue_hu(slices=3), body_part_examined=None))
     unassigned = legacy.SharedFunctionalGroupsSequence[0].UnassignedSharedConvertedAttributesSequence[0]
     unassigned.BodyPartExamined = "ABDOMEN"
