@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +150,15 @@ class ScoringPipeline:
     def score(self, paths: Sequence[Path]) -> ScoredSeries:
         from scoring.agatston import score_volume
         from scoring.inference import segment_volume
+        from scoring.errors import NoEligibleSeriesError
         from scoring.series import load_series
 
         scoring = self.settings.scoring
-        volume = load_series([str(path) for path in paths], policy=scoring.protocol_policy())
+        try:
+            volume = load_series([str(path) for path in paths], policy=scoring.protocol_policy())
+        except NoEligibleSeriesError as error:
+            # Each job is one series, so say what this series held instead of the loader's general advice.
+            raise NoEligibleSeriesError(f"{describe_instances(paths)}; {error}") from error
         segmentation = segment_volume(volume, model=self._loaded_model(), device=scoring.device)
         result = score_volume(volume, segmentation.labels, scoring.scoring_parameters())
         return ScoredSeries(
@@ -194,6 +200,31 @@ class ScoringPipeline:
             node_section=self.settings.node,
             stop_event=stop_event,
         )
+
+
+def describe_instances(paths: Sequence[Path]) -> str:
+    """Summarise what the instance files are, for example "the series has 3 localizer image(s) (ImageType LOCALIZER)"."""
+    from pydicom import dcmread
+    from pydicom.uid import UID
+
+    counts: Counter[str] = Counter()
+    for path in paths:
+        try:
+            dataset = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "ImageType"])
+        except Exception as error:
+            # pydicom raises several exception types for damaged files; the loader reports the file itself.
+            counts[f"unreadable file(s) ({type(error).__name__})"] += 1
+            continue
+        image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
+        sop_class = str(dataset.get("SOPClassUID", "") or "")
+        if "LOCALIZER" in image_type:
+            counts["localizer image(s) (ImageType LOCALIZER), which are not scored"] += 1
+        elif sop_class:
+            counts[f"{UID(sop_class).name} instance(s)"] += 1
+        else:
+            counts["instance(s) without SOP Class UID"] += 1
+    found = ", ".join(f"{count} {kind}" for kind, count in counts.most_common()) or "no instances"
+    return f"the series has {found}"
 
 
 def _version_of(model: Any) -> str:

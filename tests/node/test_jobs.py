@@ -671,3 +671,23 @@ def test_status_shows_receiving_series_and_conflict(tmp_path: Path, capsys: pyte
         ("1.2.4", 1, 1),
         ("1.2.3", 3, 0),
     ]
+
+
+def test_localizer_series_refused_naming_localizers(settings: NodeSettings) -> None:
+    datasets = make_ct_datasets(uid_seed="localizer")[:3]
+    for dataset in datasets:
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    server = NodeServer(settings, pipeline=_LoaderOnlyPipeline(settings))
+    server.start()
+    try:
+        store_all(server.port, datasets)
+        assert server.wait_idle(30)
+        jobs = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        server.stop()
+
+    assert [job.state for job in jobs] == [REFUSED]
+    # 3 instances sent, all of them localizers.
+    assert jobs[0].reason.startswith(
+        "the series has 3 localizer image(s) (ImageType LOCALIZER), which are not scored; no axial CT image series"
+    )
