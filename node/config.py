@@ -12,6 +12,8 @@ import ipaddress
 import math
 import os
 import re
+import shutil
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ _UID_ROOT_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 _HOST_NAME_PATTERN = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
+_DOTTED_NUMBERS_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
 _MAX_PDU_LIMIT = 2**32 - 1
 
@@ -194,6 +197,59 @@ def uid_root_problem(root: str) -> str:
     )
 
 
+#: Host names and addresses under which a node bound to all interfaces receives its own associations.
+_LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def settings_warnings(settings: NodeSettings) -> list[str]:
+    """List settings that are valid but probably not meant, one sentence each with what to change.
+
+    These do not stop the node: `cacs-node check-config` prints them and
+    `cacs-node serve` logs them.
+    """
+    warnings: list[str] = []
+    node = settings.node
+    if not settings.peers and not node.accept_unknown_peers:
+        warnings.append(
+            "no [[peers]] and accept_unknown_peers = false: every calling AE title is rejected (1, 1, 3); "
+            "add a [[peers]] entry per scanner or PACS"
+        )
+    for index, destination in enumerate(settings.destinations):
+        where = f"[[destinations]] #{index + 1} ({destination.name})"
+        if "region_seg" in destination.outputs and not settings.scoring.write_region_seg:
+            warnings.append(
+                f"{where} lists region_seg, but [scoring] write_region_seg = false, so no region SEG is "
+                "written or sent; set write_region_seg = true or remove region_seg"
+            )
+        local_hosts = _LOCAL_HOSTS | {node.bind_address}
+        if node.bind_address in ("0.0.0.0", "::"):
+            local_hosts |= {socket.gethostname()}
+        if destination.ae_title == node.ae_title and destination.port == node.port and destination.host in local_hosts:
+            warnings.append(
+                f"{where} is this node itself ({destination.ae_title}@{destination.host}:{destination.port}); "
+                "give the AE title, host and port of the PACS"
+            )
+    free_mb = _free_space_mb(settings.storage.root)
+    if free_mb is not None and free_mb < settings.storage.min_free_space_mb:
+        warnings.append(
+            f"[storage] min_free_space_mb = {settings.storage.min_free_space_mb}, but only {free_mb} MiB are free "
+            f"under {settings.storage.root}: every C-STORE is answered 0xA700 until space is freed; "
+            "free space or lower the minimum"
+        )
+    return warnings
+
+
+def _free_space_mb(root: Path) -> int | None:
+    """Return the free MiB on the file system of `root` or its nearest existing parent, None when unknown."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            try:
+                return int(shutil.disk_usage(folder).free // 2**20)
+            except OSError:
+                return None
+    return None
+
+
 def default_config_path() -> Path:
     """Return the settings file used without --config: $CACS_NODE_CONFIG, else ./node.toml."""
     return Path(os.environ.get(CONFIG_ENVIRONMENT_VARIABLE) or "node.toml")
@@ -329,7 +385,13 @@ class _Validator:
             return value
         except ValueError:
             pass
-        if not _HOST_NAME_PATTERN.match(value):
+        if _DOTTED_NUMBERS_PATTERN.match(value):
+            # The host name pattern allows digits, so "999.1.1.1" would pass as a name.
+            self.problems.append(
+                f"{where}{key} = {value!r}: not a valid IPv4 address; expected four numbers from 0 to 255 "
+                "separated by dots, or a host name"
+            )
+        elif not _HOST_NAME_PATTERN.match(value):
             self.problems.append(f"{where}{key} = {value!r}: expected an IP address or a host name")
         return value
 
@@ -467,6 +529,9 @@ class _Validator:
         if unknown:
             self.problems.append(f"{where}outputs = {value!r}: unknown output(s) {', '.join(unknown)}; allowed: {allowed}")
             return default
+        repeated = sorted({kind for kind in value if value.count(kind) > 1})
+        if repeated:
+            self.problems.append(f"{where}outputs = {value!r}: {', '.join(repeated)} listed more than once; list each once")
         return frozenset(value)
 
     def _storage_section(self, table: dict[str, Any]) -> StorageSection:

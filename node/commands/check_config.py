@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, default_config_path, load_settings
+    from node.config import ConfigError, default_config_path, load_settings, settings_warnings
 
     path = args.config or default_config_path()
     try:
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         f"  model {model_path} (version {model_version}) on device {settings.scoring.device}, "
         f"quiet period {settings.scoring.quiet_period_s} s"
     )
+    for warning in settings_warnings(settings):
+        print(f"  warning: {warning}")
     if node.uid_root == "1.2.826.0.1.3680043.8.498.":
         print("  note: uid_root is pydicom's example root; set your organisation's registered root for clinical use")
     return 0

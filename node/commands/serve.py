@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, default_config_path, load_settings
+    from node.config import ConfigError, default_config_path, load_settings, settings_warnings
     from node.pipeline import ModelUnavailableError, ScoringPipeline
     from node.server import NodeServer
     from node.storage import StorageError
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
         return 2
+
+    for warning in settings_warnings(settings):
+        logger.warning("%s: %s", path, warning)
 
     # A node that cannot load its model would acknowledge series it can never score.
     pipeline = ScoringPipeline(settings)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, NodeSettings, load_settings, parse_settings
+from node.config import ConfigError, NodeSettings, load_settings, parse_settings, settings_warnings
 from tests.conftest import REPOSITORY_ROOT
 
 
@@ -137,3 +137,63 @@ mass_calibration_factor = -inf
         "[scoring] quiet_period_s = nan: expected a finite number; write a number such as 30.0",
         "[scoring] mass_calibration_factor = -inf: expected a finite number; write a number such as 0.743",
     ]
+
+
+def test_parse_settings_invalid_dotted_address_and_repeated_output_rejected(tmp_path: Path) -> None:
+    text = """
+[node]
+bind_address = "999.1.1.1"
+
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 4242
+outputs = ["seg", "sr", "seg"]
+"""
+    with pytest.raises(ConfigError) as raised:
+        parse_settings(text, base_dir=tmp_path)
+
+    assert raised.value.problems == [
+        "[node] bind_address = '999.1.1.1': not a valid IPv4 address; expected four numbers from 0 to 255 "
+        "separated by dots, or a host name",
+        "[[destinations]] #1 outputs = ['seg', 'sr', 'seg']: seg listed more than once; list each once",
+    ]
+
+
+def test_settings_warnings_lists_likely_mistakes(tmp_path: Path) -> None:
+    text = f"""
+[node]
+ae_title = "CACS_NODE"
+bind_address = "0.0.0.0"
+port = 11112
+
+[[destinations]]
+name = "loop"
+ae_title = "CACS_NODE"
+host = "127.0.0.1"
+port = 11112
+outputs = ["sr", "region_seg"]
+
+[storage]
+root = "{tmp_path / 'data'}"
+min_free_space_mb = 4000000000
+"""
+    settings = parse_settings(text, base_dir=tmp_path)
+    warnings = settings_warnings(settings)
+
+    assert warnings[0].startswith("no [[peers]] and accept_unknown_peers = false: every calling AE title is rejected")
+    assert warnings[1].startswith("[[destinations]] #1 (loop) lists region_seg, but [scoring] write_region_seg = false")
+    assert warnings[2].startswith("[[destinations]] #1 (loop) is this node itself (CACS_NODE@127.0.0.1:11112)")
+    # 4e9 MiB (about 3.7 EiB) exceeds the free space of any test machine.
+    assert warnings[3].startswith("[storage] min_free_space_mb = 4000000000, but only ")
+    assert len(warnings) == 4
+
+
+def test_settings_warnings_shipped_file_none() -> None:
+    settings = load_settings(REPOSITORY_ROOT / "node.toml")
+    # The shipped file has a peer, no region_seg output and a PACS on port 4242; its storage root may
+    # not exist here, so the free space check is left out.
+    warnings = [warning for warning in settings_warnings(settings) if "min_free_space_mb" not in warning]
+
+    assert warnings == []

@@ -391,6 +391,8 @@ def test_check_config_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureF
     assert f"storage root {tmp_path / 'data'}" in output
     # The version comes from the checkpoint's metadata, so the model was really loaded.
     assert "(version untrained-test)" in output
+    # The file lists no peers, so every caller would be rejected.
+    assert "  warning: no [[peers]] and accept_unknown_peers = false: every calling AE title is rejected" in output
 
 
 def test_check_config_random_bytes_model_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
