@@ -38,6 +38,9 @@ from scoring.model import build_model, predict_labels, prepare_input
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
 
+#: HU above which a pixel counts as body when placing crops (as in scoring.inference).
+BODY_THRESHOLD_HU = -500.0
+
 logger = logging.getLogger(__name__)
 
 #: Value of an unlabelled pixel in a region target; the region loss ignores it.
@@ -106,6 +109,8 @@ class TrainingConfig:
     crop_size: side of the square training crops in pixels, a multiple of 256.
     calcium_fraction: share of batch slices drawn from slices with calcium (default 0.2).
     max_shift: largest random translation of a crop centre, in pixels (default 48).
+    body_crop_fraction: share of crops without calcium that are centred on a random
+        body pixel instead of the CAR annotation (default 0.5).
     validation_crops: number of fixed validation crops (default 32).
     seed: seed of weights, sampling and dropout.
     threads: torch CPU threads, None to keep torch's default.
@@ -127,6 +132,7 @@ class TrainingConfig:
     crop_size: int = 256
     calcium_fraction: float = 0.2
     max_shift: int = 48
+    body_crop_fraction: float = 0.5
     validation_crops: int = 32
     seed: int = 0
     threads: int | None = None
@@ -149,6 +155,10 @@ class TrainingConfig:
             )
         if not 0.0 <= self.calcium_fraction <= 1.0:
             raise ValueError(f"calcium fraction must lie in [0, 1], got {self.calcium_fraction}")
+        if not 0.0 <= self.body_crop_fraction <= 1.0:
+            raise ValueError(
+                f"body crop fraction must lie in [0, 1], got {self.body_crop_fraction}"
+            )
         for name in (
             "batch_size", "epochs", "steps_per_epoch", "lr_decay_epochs", "patience",
             "validation_crops",
@@ -351,10 +361,13 @@ class HybridSampler:
 
     Each batch slice comes from the calcium pool with probability
     `calcium_fraction` (from the other slices otherwise). A calcium crop is
-    centred on a random coronary calcium pixel. Any other crop is centred on
-    the centre of the slice's CAR annotation, or the image centre when there
-    is none. The centre then moves by a random translation of up to
-    `max_shift` pixels in each direction and stays inside the image.
+    centred on a random coronary calcium pixel. Any other crop is centred,
+    with probability `body_crop_fraction`, on a random body pixel (HU > −500),
+    so that ribs, spine and the body wall far from the heart are seen too.
+    Otherwise it is centred on the centre of the slice's CAR annotation, or
+    the image centre when there is none. The centre then moves by a random
+    translation of up to `max_shift` pixels in each direction and stays
+    inside the image.
     """
 
     def __init__(
@@ -364,6 +377,7 @@ class HybridSampler:
         calcium_fraction: float,
         max_shift: int,
         generator: np.random.Generator,
+        body_crop_fraction: float = 0.0,
     ) -> None:
         if not cases:
             raise ValueError("no training cases: pass at least one annotated series")
@@ -372,6 +386,7 @@ class HybridSampler:
         self.calcium_fraction = calcium_fraction
         self.max_shift = max_shift
         self.generator = generator
+        self.body_crop_fraction = body_crop_fraction
         self.calcium_pool: list[tuple[int, int]] = []
         self.other_pool: list[tuple[int, int]] = []
         for case_index, case in enumerate(self.cases):
@@ -397,6 +412,11 @@ class HybridSampler:
             points = np.argwhere((labels >= LAD) & (labels <= RCA))
             row, column = points[int(self.generator.integers(len(points)))]
             return int(row), int(column)
+        if self.body_crop_fraction > 0 and self.generator.random() < self.body_crop_fraction:
+            body = np.argwhere(case.hu[slice_index] > BODY_THRESHOLD_HU)
+            if len(body):
+                row, column = body[int(self.generator.integers(len(body)))]
+                return int(row), int(column)
         annotated = np.argwhere(case.regions[slice_index] >= 0)
         if len(annotated):
             row, column = annotated.mean(axis=0)
@@ -679,7 +699,8 @@ def train(
         )
 
     sampler = HybridSampler(
-        train_cases, config.crop_size, config.calcium_fraction, config.max_shift, generator
+        train_cases, config.crop_size, config.calcium_fraction, config.max_shift, generator,
+        body_crop_fraction=config.body_crop_fraction,
     )
     validation = validation_batches(
         validation_cases, config.crop_size, seed=config.seed + 7919, crops=config.validation_crops

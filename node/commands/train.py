@@ -81,6 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--crop-size", type=int, default=256,
                      help="side of the square training crops in pixels, a multiple of 256 "
                           "(default 256)")
+    run.add_argument("--body-crop-fraction", type=float, default=0.5,
+                     help="share of crops without calcium centred on a random body pixel "
+                          "instead of the heart annotation (default 0.5)")
     run.add_argument("--validation-crops", type=int, default=32,
                      help="fixed validation crops (default 32)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
@@ -118,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             patience=args.patience,
             crop_size=args.crop_size,
             validation_crops=args.validation_crops,
+            body_crop_fraction=args.body_crop_fraction,
             seed=args.seed,
             threads=args.threads,
             device=args.device,
