@@ -225,3 +225,26 @@ def test_score_command_missing_model_exits_with_model_error(
     # node/commands/score.py maps a model failure to exit code 3.
     assert exit_code == 3
     assert "missing.pt not found" in capsys.readouterr().err
+
+
+#: Held-out phantom seed of the shipped-model check: outside the training
+#: seeds 0-39 and the validation seeds 1000-1003 listed in scoring/models/MODEL_CARD.md.
+HELD_OUT_SEED = 2000
+
+
+@pytest.mark.slow
+def test_shipped_model_held_out_phantom_matches_truth():
+    from scoring import phantom
+    from scoring.agatston import score_volume
+
+    if not inference.default_model_path().is_file():
+        pytest.fail(f"the shipped model {inference.default_model_path()} is missing")
+    case = phantom.make_case(HELD_OUT_SEED)
+    volume = case.to_volume()
+    truth = score_volume(volume, case.labels)
+    segmentation = inference.segment_volume(volume, device="cpu")
+    predicted = score_volume(volume, segmentation.labels)
+    assert predicted.risk_category == truth.risk_category
+    # Tolerance: 15 % of the true total Agatston score, at least 10 points.
+    tolerance = max(10.0, 0.15 * truth.agatston["total"])
+    assert abs(predicted.agatston["total"] - truth.agatston["total"]) <= tolerance

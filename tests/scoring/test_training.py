@@ -71,6 +71,33 @@ def test_hybrid_sampler_fraction_zero_draws_no_calcium():
     assert int(sampler.sample(4).lesion_target.sum()) == 0
 
 
+def _corner_body_case() -> training.TrainingCase:
+    """768² air with soft tissue only in rows and columns 600-650; CAR annotation in the centre."""
+    hu = np.full((1, 768, 768), -1000.0, dtype=np.float32)
+    hu[0, 600:650, 600:650] = 40.0
+    regions = np.full(hu.shape, training.REGION_UNLABELLED, dtype=np.int8)
+    regions[0, 380:390, 380:390] = 0
+    return training.TrainingCase.from_arrays("corner", hu, np.zeros(hu.shape, np.uint8), regions)
+
+
+def test_hybrid_sampler_body_crops_reach_body_far_from_heart():
+    case = _corner_body_case()
+    body_sampler = training.HybridSampler(
+        [case], 256, 0.0, 0, np.random.default_rng(0), body_crop_fraction=1.0
+    )
+    heart_sampler = training.HybridSampler(
+        [case], 256, 0.0, 0, np.random.default_rng(0), body_crop_fraction=0.0
+    )
+    # Normalised HU of 40 is (40 + 2000) / 3300; air is (-1000 + 2000) / 3300.
+    tissue = (40.0 + 2000.0) / 3300.0
+    body_crops = body_sampler.sample(3).inputs[:, 0]
+    heart_crops = heart_sampler.sample(3).inputs[:, 0]
+    # Centred on a body pixel, every crop contains tissue.
+    assert all(bool(torch.isclose(crop, torch.tensor(tissue)).any()) for crop in body_crops)
+    # Centred on the annotation (rows 256-512), no crop reaches the tissue at row 600.
+    assert not bool(torch.isclose(heart_crops, torch.tensor(tissue)).any())
+
+
 def test_hybrid_sampler_same_seed_same_batch():
     first = training.HybridSampler([_synthetic_case()], 256, 0.5, 32, np.random.default_rng(4))
     second = training.HybridSampler([_synthetic_case()], 256, 0.5, 32, np.random.default_rng(4))
@@ -85,6 +112,11 @@ def test_training_config_bad_crop_size_raises():
 def test_training_config_batch_of_one_256_crop_raises():
     with pytest.raises(ValueError, match="batch size 1 with 256-pixel crops"):
         training.TrainingConfig(batch_size=1)
+
+
+def test_training_config_body_crop_fraction_above_one_raises():
+    with pytest.raises(ValueError, match="body crop fraction must lie in \\[0, 1\\], got 1.5"):
+        training.TrainingConfig(body_crop_fraction=1.5)
 
 
 def test_training_config_unknown_weighting_raises():
