@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, default_config_path, load_settings, settings_warnings
+    from node.logs import reduce_library_log_noise
     from node.pipeline import ModelUnavailableError, ScoringPipeline
     from node.server import NodeServer
     from node.storage import StorageError
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
         return 2
 
+    reduce_library_log_noise()
     for warning in settings_warnings(settings):
         logger.warning("%s: %s", path, warning)
 

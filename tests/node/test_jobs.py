@@ -533,6 +533,7 @@ def test_start_registers_file_left_unregistered(settings: NodeSettings, pipeline
 
 def test_serve_runs_until_sigterm_exits_0(tmp_path: Path) -> None:
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -555,11 +556,25 @@ def test_serve_runs_until_sigterm_exits_0(tmp_path: Path) -> None:
         echo = [dcmtk_tool("echoscu"), "-aet", SCANNER_AE, "-aec", "CACS_NODE", "127.0.0.1", str(port)]
         wait_for(lambda: subprocess.run(echo, capture_output=True, timeout=10).returncode == 0, 60,
                  "serve did not answer C-ECHO")
+        invalid = make_ct_datasets(uid_seed="serve-invalid-uid")[0]
+        invalid.StudyInstanceUID = "1.2.3/../../etc"
+        invalid_status = store_all(port, [invalid])
+        # An A-ASSOCIATE-RQ PDU (type 0x01) whose 20-byte body is not a valid request.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(b"\x01\x00\x00\x00\x00\x14" + b"\xab" * 20)
+            connection.recv(1024)
+        wait_for(lambda: subprocess.run(echo, capture_output=True, timeout=10).returncode == 0, 60,
+                 "serve stopped answering C-ECHO after the garbage PDU")
     finally:
         process.send_signal(signal.SIGTERM)
         _stdout, stderr = process.communicate(timeout=60)
 
     assert process.returncode == 0, stderr
+    assert invalid_status == [0xC211]
+    # One line for the invalid UID, no pydicom value warnings, no traceback for the garbage PDU.
+    assert sum("response status 0xC211" in line for line in stderr.splitlines()) == 1
+    assert "Invalid value for VR UI" not in stderr
+    assert "Traceback" not in stderr, stderr
     assert "received SIGTERM, stopping" in stderr
     assert "cacs-node CACS_NODE stopped" in stderr
     assert (tmp_path / "data" / "jobs.sqlite3").is_file()
