@@ -107,6 +107,12 @@ class NodeServer:
             established = sum(1 for assoc in open_associations if assoc.is_established)
             if established:
                 logger.warning("stopping: aborting %d established association(s)", established)
+            # pynetdicom 3.0 raises InvalidEventError in the DUL thread when it
+            # aborts a connection still waiting for its A-ASSOCIATE-RQ, so those
+            # connections are only stopped, without an A-ABORT.
+            for assoc in open_associations:
+                if assoc.requestor.primitive is None:
+                    assoc.kill()
             # AE.shutdown stops the listening server and aborts the associations.
             self._ae.shutdown()
             for assoc in open_associations:

@@ -437,6 +437,9 @@ def test_associate_simultaneous_over_limit_rejects_only_extra(tmp_path: Path) ->
         server.stop()
 
 
+# An exception in a pynetdicom thread (an A-ABORT sent on a connection that
+# sent nothing) fails the test instead of only warning.
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_associate_idle_connections_not_counted_peer_accepted(tmp_path: Path) -> None:
     server = NodeServer(make_settings(tmp_path / "storage", max_associations=2), pipeline=FakePipeline())
     server.start()
@@ -453,12 +456,10 @@ def test_associate_idle_connections_not_counted_peer_accepted(tmp_path: Path) ->
             if assoc.is_established:
                 assoc.release()
             ae.shutdown()
+        # The idle connections are still open when the node stops.
+        server.stop()
         for connection in idle:
             connection.close()
-        # pynetdicom raises in its own thread when stop() aborts a connection still waiting for its request.
-        wait_for(lambda: server._ae is not None and not server._ae.active_associations, 10,
-                 "the node did not notice the closed connections")
-        server.stop()
 
 
 def test_associate_unknown_peer_at_limit_rejected_1_1_3(node: NodeServer) -> None:
