@@ -110,6 +110,8 @@ def write_atomically(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates the file with mode 0600; checkpoints are meant to be readable.
+        os.chmod(temporary_name, 0o644)
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
