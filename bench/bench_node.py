@@ -252,9 +252,9 @@ def _find_outputs(rest_url: str, study_uid: str) -> set[str]:
     return classes
 
 
-# TODO(#5): on 2 shared CPU cores the model's inference of a 50-slice study
-# alone took 90 s, so the 20 s latency target is not met without a GPU or a
-# faster model; the node's other steps took about 7 s.
+# TODO(#5): on 2 shared CPU cores a 50-slice study took 39 s from the last
+# instance to SEG and SR in Orthanc, mostly model inference, so the 20 s
+# target is not met without a GPU or a faster model.
 def bench_latency(work: Path, slices: int, quiet_period_s: float, model: str, timeout_s: float) -> None:
     from scoring.phantom import generate_phantom
 
