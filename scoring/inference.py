@@ -256,9 +256,48 @@ def _resolve_model(model: LoadedModel | None, device: str | torch.device) -> Loa
     return _cached_default_model(str(resolved))
 
 
-# TODO(#3): run the network through ONNX Runtime here. bench/bench_inference.py
-# measured it 2.5 times faster than this torch path on 2 CPU cores with
-# identical labels on a 50-slice phantom, but only the benchmark exports it now.
+_ONNX_SESSIONS: dict[int, Any] = {}
+
+
+def _onnx_session(loaded: LoadedModel) -> Any:
+    """Export the network to ONNX once per loaded model and open an ONNX Runtime CPU session."""
+    import copy
+    import io
+
+    import onnxruntime
+
+    key = id(loaded.network)
+    if key not in _ONNX_SESSIONS:
+        network = copy.deepcopy(loaded.network).cpu().to(memory_format=torch.contiguous_format)
+        buffer = io.BytesIO()
+        axes = {0: "slices", 2: "rows", 3: "columns"}
+        outputs = ["region", "lesion"] if loaded.architecture != "single" else ["classes"]
+        torch.onnx.export(
+            network, (torch.zeros(1, 2, SIZE_MULTIPLE, SIZE_MULTIPLE),), buffer,
+            input_names=["input"], output_names=outputs, opset_version=17, dynamo=False,
+            dynamic_axes={name: axes for name in ["input", *outputs]},
+        )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        _ONNX_SESSIONS[key] = onnxruntime.InferenceSession(
+            buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
+    return _ONNX_SESSIONS[key]
+
+
+def _predict_onnx(session: Any, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from scoring.model import combine_multiclass, combine_tasks
+
+    outputs = [torch.from_numpy(array) for array in session.run(None, {"input": inputs.numpy()})]
+    candidate = inputs[:, 1] > 0.5
+    if len(outputs) == 2:
+        return combine_tasks(outputs[0], outputs[1], candidate), outputs[0].argmax(dim=1).to(
+            torch.uint8
+        )
+    labels = combine_multiclass(outputs[0], candidate)
+    return labels, labels.clone()
+
+
 def segment_volume(
     volume: CTVolume,
     model: LoadedModel | None = None,
@@ -267,6 +306,7 @@ def segment_volume(
     batch_size: int = DEFAULT_BATCH_SIZE,
     crop_to_body: bool = True,
     channels_last: bool = True,
+    runtime: Literal["torch", "onnx"] = "torch",
 ) -> Segmentation:
     """Segment CAC and CAR in every slice of `volume`.
 
@@ -276,14 +316,23 @@ def segment_volume(
         body window only (see the module docstring) instead of the full slice
         padded to a multiple of 256. channels_last: pass the inputs in the
         channels-last memory format (match the format `load_model` gave the weights).
+    runtime: "torch", or "onnx" to run the network through ONNX Runtime on
+        the CPU (exported once per model, with the torch thread count).
+        bench/bench_inference.py measured ONNX Runtime 2.5 times faster than
+        the torch path on 2 cores, with identical labels on a 50-slice phantom.
     Returns a Segmentation whose arrays have the volume's shape. The model
     is not modified, so threads may share it (but not with `mc_dropout_variance`).
     Raises ModelError when the model cannot be loaded, ValueError for a bad volume.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if runtime not in ("torch", "onnx"):
+        raise ValueError(f"unknown runtime {runtime!r}; expected 'torch' or 'onnx'")
     hu = _check_volume(volume)
     loaded = _resolve_model(model, device)
+    if runtime == "onnx" and loaded.device.type != "cpu":
+        raise ModelError(f"the ONNX runtime runs on the CPU only; the model is on {loaded.device}")
+    session = _onnx_session(loaded) if runtime == "onnx" else None
     window = body_window(hu) if crop_to_body else _full_window(hu)
     labels = np.zeros(hu.shape, dtype=np.uint8)
     regions = np.zeros(hu.shape, dtype=np.uint8)
@@ -294,8 +343,12 @@ def segment_volume(
     with torch.inference_mode():
         for first in range(0, hu.shape[0], batch_size):
             chunk = extract_window(hu[first:first + batch_size], window)
-            inputs = prepare_input(chunk).to(loaded.device).contiguous(memory_format=memory_format)
-            batch_labels, batch_regions = predict_labels(network, inputs)
+            if session is not None:
+                batch_labels, batch_regions = _predict_onnx(session, prepare_input(chunk))
+            else:
+                inputs = prepare_input(chunk).to(loaded.device)
+                inputs = inputs.contiguous(memory_format=memory_format)
+                batch_labels, batch_regions = predict_labels(network, inputs)
             _paste_window(labels, batch_labels.cpu().numpy(), window, first)
             _paste_window(regions, batch_regions.cpu().numpy(), window, first)
     logger.info(

@@ -257,3 +257,18 @@ def test_shipped_model_held_out_phantom_matches_truth():
     # Tolerance: 15 % of the true total Agatston score, at least 10 points.
     tolerance = max(10.0, 0.15 * truth.agatston["total"])
     assert abs(predicted.agatston["total"] - truth.agatston["total"]) <= tolerance
+
+
+def test_segment_volume_onnx_runtime_matches_torch(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    volume = _volume(_small_chest(2))
+    with_torch = inference.segment_volume(volume, loaded)
+    with_onnx = inference.segment_volume(volume, loaded, runtime="onnx")
+    np.testing.assert_array_equal(with_torch.labels, with_onnx.labels)
+    np.testing.assert_array_equal(with_torch.regions, with_onnx.regions)
+
+
+def test_segment_volume_unknown_runtime_raises(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        inference.segment_volume(_volume(_small_chest(1)), loaded, runtime="tensorrt")
