@@ -232,7 +232,7 @@ def test_score_command_missing_model_exits_with_model_error(
 HELD_OUT_SEED = 2000
 
 
-# TODO(#3): the shipped model is undertrained (57 CPU epochs of 25 steps) and
+# TODO(#3): the shipped model is undertrained (48 CPU epochs of 25 steps) and
 # over-calls calcium: on this seed it gives Agatston 366.6 (risk IV) against the
 # true 23.4 (risk II). strict=True turns a retrained model that passes into a
 # failure, so that this mark is removed then.
