@@ -159,7 +159,9 @@ class ScoringPipeline:
         except NoEligibleSeriesError as error:
             # Each job is one series, so say what this series held instead of the loader's general advice.
             raise NoEligibleSeriesError(f"{describe_instances(paths)}; {error}") from error
-        segmentation = segment_volume(volume, model=self._loaded_model(), device=scoring.device)
+        segmentation = segment_volume(
+            volume, model=self._loaded_model(), device=scoring.device, runtime=scoring.runtime
+        )
         result = score_volume(volume, segmentation.labels, scoring.scoring_parameters())
         return ScoredSeries(
             volume=volume,

@@ -53,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="device for the model: auto, cpu, cuda or cuda:N (default: from --config, else auto)",
     )
     parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default=None,
+        help="how the model runs: torch, or onnx for ONNX Runtime on the CPU (default: from --config, else torch)",
+    )
+    parser.add_argument(
         "--model",
         metavar="PATH",
         default=None,
@@ -74,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="NODE_TOML",
         default=None,
-        help="node.toml whose [scoring] protocol policies, mass calibration factor, model and device to use",
+        help="node.toml whose [scoring] protocol policies, mass calibration factor, model, device and runtime to use",
     )
 
 
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy, parameters = ProtocolPolicy(), ScoringParameters()
     model_path, device, uid_root = args.model, args.device or "auto", args.uid_root or DEFAULT_UID_ROOT
+    runtime = args.runtime or "torch"
     if args.config:
         try:
             settings = load_settings(args.config)
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         parameters = settings.scoring.scoring_parameters()
         model_path = args.model or settings.scoring.model_path
         device = args.device or settings.scoring.device
+        runtime = args.runtime or settings.scoring.runtime
         uid_root = args.uid_root or settings.node.uid_root
 
     dicom_dir = Path(args.dicom_dir)
@@ -123,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             labels = read_label_map(args.labels, volume)
             model_version = "none (external label map)"
         else:
-            labels, regions, model_version = _segment(volume, model_path, device)
+            labels, regions, model_version = _segment(volume, model_path, device, runtime)
         result = score_volume(volume, labels, parameters)
     except AmbiguousSeriesError as error:
         print(f"cacs-node score: {error}; pass --series-uid UID to choose one", file=sys.stderr)
@@ -191,13 +199,13 @@ class _ModelFailure(RuntimeError):
     """
 
 
-def _segment(volume: Any, model_path: str | None, device: str) -> tuple[Any, Any, str]:
+def _segment(volume: Any, model_path: str | None, device: str, runtime: str) -> tuple[Any, Any, str]:
     """Run the segmentation model and return CAC labels, CAR regions and the model version."""
     from scoring.inference import ModelError, load_model, segment_volume
 
     try:
         model = load_model(model_path, device)
-        segmentation = segment_volume(volume, model=model)
+        segmentation = segment_volume(volume, model=model, runtime=runtime)
     except ModelError as error:
         raise _ModelFailure(f"the segmentation model failed: {error}") from error
     return segmentation.labels, segmentation.regions, str(segmentation.model_version)

@@ -197,3 +197,24 @@ def test_settings_warnings_shipped_file_none() -> None:
     warnings = [warning for warning in settings_warnings(settings) if "min_free_space_mb" not in warning]
 
     assert warnings == []
+
+
+def test_parse_settings_runtime_onnx_on_cpu_accepted(tmp_path: Path) -> None:
+    settings = parse_settings('[scoring]\nruntime = "onnx"\ndevice = "cpu"\n', base_dir=tmp_path)
+    assert settings.scoring.runtime == "onnx"
+    assert settings.scoring.device == "cpu"
+
+
+def test_parse_settings_runtime_invalid_or_onnx_off_cpu_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as unknown:
+        parse_settings('[scoring]\nruntime = "tensorrt"\n', base_dir=tmp_path)
+    assert unknown.value.problems == ['[scoring] runtime = \'tensorrt\': allowed values are "torch" or "onnx"']
+
+    # ONNX Runtime is installed with its CPU provider only, so "auto" (which picks CUDA when
+    # present) and "cuda" are rejected rather than failing at the first job.
+    with pytest.raises(ConfigError) as off_cpu:
+        parse_settings('[scoring]\nruntime = "onnx"\ndevice = "auto"\n', base_dir=tmp_path)
+    assert off_cpu.value.problems == [
+        '[scoring] runtime = "onnx" runs on the CPU only, but device = \'auto\'; '
+        'set device = "cpu", or runtime = "torch"'
+    ]

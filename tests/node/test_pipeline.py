@@ -1,0 +1,51 @@
+"""Tests of node.pipeline.ScoringPipeline with a real (untrained) model on a small series."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring import inference
+
+from node.pipeline import ScoringPipeline
+from tests.factories import blank_hu, make_series_dir
+from tests.node.helpers import make_settings, write_untrained_model
+
+
+def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 4-slice 64 × 64 series with a 400 HU block: enough candidate voxels for both
+    # runtimes to label, small enough for a CPU test.
+    hu = blank_hu(slices=4, rows=64, columns=64)
+    hu[1:3, 20:30, 24:34] = 400.0
+    make_series_dir(tmp_path / "series", hu, pixel_spacing=(0.5, 0.5), slice_thickness=3.0)
+    paths = sorted((tmp_path / "series").iterdir())
+    model_path = write_untrained_model(tmp_path / "untrained.pt")
+
+    settings = make_settings(tmp_path / "storage")
+    torch_settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path))
+    onnx_settings = replace(torch_settings, scoring=replace(torch_settings.scoring, runtime="onnx"))
+
+    # An untrained network may label nothing, so equal outputs alone would not show that
+    # the setting reached segment_volume: count the ONNX Runtime sessions requested.
+    sessions_requested = []
+    real_session = inference._onnx_session
+
+    def counting_session(loaded: inference.LoadedModel) -> object:
+        sessions_requested.append(loaded.model_version)
+        return real_session(loaded)
+
+    monkeypatch.setattr(inference, "_onnx_session", counting_session)
+
+    with_torch = ScoringPipeline(torch_settings).score(paths)
+    assert sessions_requested == []
+    with_onnx = ScoringPipeline(onnx_settings).score(paths)
+    assert sessions_requested == ["untrained-test"]
+
+    assert with_onnx.volume.shape == (4, 64, 64)
+    np.testing.assert_array_equal(with_onnx.labels, with_torch.labels)
+    np.testing.assert_array_equal(with_onnx.regions, with_torch.regions)
+    assert with_onnx.result.agatston == with_torch.result.agatston
+    assert with_onnx.model_version == with_torch.model_version == "untrained-test"
