@@ -255,9 +255,9 @@ def _find_outputs(rest_url: str, study_uid: str) -> set[str]:
     return classes
 
 
-# TODO(#5): on 2 idle CPU cores a 50-slice study takes 22.9 s (torch) or
-# 21.7 s (ONNX Runtime) from the last instance to SEG and SR in Orthanc, and
-# 39 s when other jobs share the cores, so the 20 s target is not met yet.
+# TODO(#5): the 20 s target is not met yet. On 2 idle CPU cores a 50-slice
+# study takes 22.9 s (torch) or 21.7 s (ONNX Runtime) from the last instance
+# to SEG and SR in Orthanc, and 39 s when other jobs share the cores.
 def bench_latency(
     work: Path, slices: int, quiet_period_s: float, model: str, timeout_s: float, runtime: str = "torch"
 ) -> None:

@@ -157,7 +157,7 @@ class ScoringPipeline:
         try:
             volume = load_series([str(path) for path in paths], policy=scoring.protocol_policy())
         except NoEligibleSeriesError as error:
-            # Each job is one series, so say what this series held instead of the loader's general advice.
+            # Each job is one series, so describe what this series contained instead of the loader's general advice.
             raise NoEligibleSeriesError(f"{describe_instances(paths)}; {error}") from error
         segmentation = segment_volume(
             volume, model=self._loaded_model(), device=scoring.device, runtime=scoring.runtime

@@ -19,7 +19,7 @@ DEFAULT_MASS_CALIBRATION_FACTOR = 0.743
 
 @dataclass(frozen=True)
 class ProtocolPolicy:
-    """What to do when an acquisition deviates from the calcium-scoring protocol.
+    """Policies for acquisitions that deviate from the calcium-scoring protocol.
 
     kvp: kVp other than 120 (default "flag").
     thickness: slice thickness or increment outside 2.5–3.0 mm (default "flag").

@@ -1,6 +1,6 @@
 """Exceptions raised when a CT series cannot be loaded or scored.
 
-Every message names the offending values and says what to do, because the
+Every message names the offending values and states what to do, because the
 node shows it verbatim on a refused job.
 """
 

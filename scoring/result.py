@@ -86,7 +86,7 @@ class ScoringResult:
         return tuple(a for a in ARTERIES if self.agatston[a] > 0 or self.volume_mm3[a] > 0)
 
     def to_json(self) -> dict[str, Any]:
-        """The `score --json` object; keys are a public interface."""
+        """Return the `score --json` object. Its keys are a public interface."""
         return {
             "series_instance_uid": self.series_instance_uid,
             "normalization_factor": self.normalization_factor,

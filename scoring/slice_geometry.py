@@ -47,7 +47,7 @@ ORIENTATION_TOLERANCE = 1e-4
 PIXEL_SPACING_TOLERANCE_MM = 1e-4
 
 
-#: Fewest slices a series may have: the slice increment is measured between neighbours.
+#: Minimum number of slices in a series, because the slice increment is measured between neighbours.
 MIN_SLICES = 2
 
 @dataclass(frozen=True)

@@ -454,8 +454,8 @@ def validation_batches(
     """Draw a fixed validation set of `crops` crops with the hybrid sampler at 50 % calcium.
 
     TODO(#3): these crops lie around the heart, so the validation micro-F1
-    misses false positives in spine and ribs that full slices show; the
-    default model had to be chosen on full validation volumes instead.
+    misses false positives in spine and ribs that full slices show. The
+    default model was therefore chosen on full validation volumes instead.
 
     The same seed gives the same crops, so validation F1 is comparable across epochs.
     """

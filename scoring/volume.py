@@ -8,7 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 #: HU written into voxels that the series marks as pixel padding. Far below any
-#: tissue, so no threshold or model sees padding as signal; `padding_mask`
+#: tissue, so no threshold or model treats padding as signal; `padding_mask`
 #: tells which voxels they are.
 PADDING_HU = -2048.0
 
