@@ -18,6 +18,7 @@ validates, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from torch import nn
 from scoring import checkpoint as checkpoint_module
 from scoring import losses
 from scoring import metrics
+from scoring.config import CALCIUM_THRESHOLD_HU
 from scoring.model import build_model, predict_labels, prepare_input
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 #: Value of an unlabelled pixel in a region target; the region loss ignores it.
 REGION_UNLABELLED = -1
+
+#: Forward-pass precisions of training and validation, with their autocast dtypes.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,27 @@ class TrainingConfig:
         epochs (default 0.95 every 5).
     weight_decay: L2 weight decay of Adam (default 1e-4; the paper gives no value).
     epochs: maximum number of epochs. steps_per_epoch: optimisation steps per epoch.
-    patience: epochs without a better validation micro-F1 before stopping (default 10).
+    patience: validations without a better micro-F1 before stopping (default 10).
     crop_size: side of the square training crops in pixels, a multiple of 256.
     calcium_fraction: share of batch slices drawn from slices with calcium (default 0.2).
     max_shift: largest random translation of a crop centre, in pixels (default 48).
     body_crop_fraction: share of crops without calcium that are centred on a random
         body pixel instead of the CAR annotation (default 0.5).
+    candidate_crop_fraction: share of crops without calcium that are centred on a
+        random candidate pixel (HU ≥ 130) that is not coronary calcium: bone, noise,
+        metal, other calcium (default 0). It is taken before body_crop_fraction;
+        the two together may not exceed 1.
+    validation: "crops" scores fixed crops around the heart after each epoch;
+        "volumes" segments the whole validation series, as the node does, so
+        false positives in bone and noise far from the heart count too.
+    validation_every: epochs between validations (default 1); early stopping
+        counts validations, not epochs.
     validation_crops: number of fixed validation crops (default 32).
+    precision: "fp32", or "bf16" to run forward passes under bfloat16 autocast
+        (about 1.8 times faster training steps on a CPU with AVX512-BF16; the
+        weights, the optimiser and the loss reductions stay float32).
+    snapshot_epochs: epochs after which a copy of the checkpoint is kept as
+        epoch-NNN.pt (to compare models at an equal training budget).
     seed: seed of weights, sampling and dropout.
     threads: torch CPU threads, None to keep torch's default.
     device: "auto", "cpu" or a torch device such as "cuda:0".
@@ -133,7 +152,12 @@ class TrainingConfig:
     calcium_fraction: float = 0.2
     max_shift: int = 48
     body_crop_fraction: float = 0.5
+    candidate_crop_fraction: float = 0.0
+    validation: str = "crops"
+    validation_every: int = 1
     validation_crops: int = 32
+    precision: str = "fp32"
+    snapshot_epochs: tuple[int, ...] = ()
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -155,13 +179,26 @@ class TrainingConfig:
             )
         if not 0.0 <= self.calcium_fraction <= 1.0:
             raise ValueError(f"calcium fraction must lie in [0, 1], got {self.calcium_fraction}")
-        if not 0.0 <= self.body_crop_fraction <= 1.0:
+        for name in ("body_crop_fraction", "candidate_crop_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name.replace('_', ' ')} must lie in [0, 1], got {value}")
+        if self.body_crop_fraction + self.candidate_crop_fraction > 1.0:
             raise ValueError(
-                f"body crop fraction must lie in [0, 1], got {self.body_crop_fraction}"
+                f"body crop fraction {self.body_crop_fraction} and candidate crop fraction "
+                f"{self.candidate_crop_fraction} add up to more than 1"
+            )
+        if self.validation not in ("crops", "volumes"):
+            raise ValueError(
+                f"unknown validation {self.validation!r}; expected 'crops' or 'volumes'"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
             )
         for name in (
             "batch_size", "epochs", "steps_per_epoch", "lr_decay_epochs", "patience",
-            "validation_crops",
+            "validation_crops", "validation_every",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -362,9 +399,11 @@ class HybridSampler:
     Each batch slice comes from the calcium pool with probability
     `calcium_fraction` (from the other slices otherwise). A calcium crop is
     centred on a random coronary calcium pixel. Any other crop is centred,
-    with probability `body_crop_fraction`, on a random body pixel (HU > −500),
-    so that ribs, spine and the body wall far from the heart are seen too.
-    Otherwise it is centred on the centre of the slice's CAR annotation, or
+    with probability `candidate_crop_fraction`, on a random candidate pixel
+    (HU ≥ 130) that is not coronary calcium, the pixels the lesion task must
+    learn to reject; with probability `body_crop_fraction`, on a random body
+    pixel (HU > −500), so that ribs, spine and the body wall far from the heart
+    are seen too. Otherwise it is centred on the centre of the slice's CAR annotation, or
     the image centre when there is none. The centre then moves by a random
     translation of up to `max_shift` pixels in each direction and stays
     inside the image.
@@ -378,6 +417,7 @@ class HybridSampler:
         max_shift: int,
         generator: np.random.Generator,
         body_crop_fraction: float = 0.0,
+        candidate_crop_fraction: float = 0.0,
     ) -> None:
         if not cases:
             raise ValueError("no training cases: pass at least one annotated series")
@@ -387,6 +427,7 @@ class HybridSampler:
         self.max_shift = max_shift
         self.generator = generator
         self.body_crop_fraction = body_crop_fraction
+        self.candidate_crop_fraction = candidate_crop_fraction
         self.calcium_pool: list[tuple[int, int]] = []
         self.other_pool: list[tuple[int, int]] = []
         for case_index, case in enumerate(self.cases):
@@ -412,10 +453,19 @@ class HybridSampler:
             points = np.argwhere((labels >= LAD) & (labels <= RCA))
             row, column = points[int(self.generator.integers(len(points)))]
             return int(row), int(column)
-        if self.body_crop_fraction > 0 and self.generator.random() < self.body_crop_fraction:
-            body = np.argwhere(case.hu[slice_index] > BODY_THRESHOLD_HU)
-            if len(body):
-                row, column = body[int(self.generator.integers(len(body)))]
+        if self.body_crop_fraction > 0 or self.candidate_crop_fraction > 0:
+            draw = self.generator.random()
+            pixels = None
+            if draw < self.candidate_crop_fraction:
+                labels = case.labels[slice_index]
+                pixels = np.argwhere(
+                    (case.hu[slice_index] >= CALCIUM_THRESHOLD_HU)
+                    & ((labels < LAD) | (labels > RCA))
+                )
+            elif draw < self.candidate_crop_fraction + self.body_crop_fraction:
+                pixels = np.argwhere(case.hu[slice_index] > BODY_THRESHOLD_HU)
+            if pixels is not None and len(pixels):
+                row, column = pixels[int(self.generator.integers(len(pixels)))]
                 return int(row), int(column)
         annotated = np.argwhere(case.regions[slice_index] >= 0)
         if len(annotated):
@@ -521,29 +571,90 @@ def sigmas(module: TrainingModule) -> tuple[float, float]:
     return module.weighting.sigmas()
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Return the autocast context of `precision` on `device`; a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
-def evaluate_batches(network: nn.Module, batches: Sequence[Batch], device: torch.device) -> dict:
+def evaluate_batches(
+    network: nn.Module, batches: Sequence[Batch], device: torch.device, precision: str = "fp32"
+) -> dict:
     """Validation metrics on crops: micro-F1 of the multiclass calcification, binary F1, CAR F1."""
     was_training = network.training
     network.eval()
     predicted, truth, region_predicted, region_truth = [], [], [], []
     for batch in batches:
         batch = batch.to(device)
-        labels, regions = predict_labels(network, batch.inputs)
+        with autocast(device, precision):
+            labels, regions = predict_labels(network, batch.inputs)
         predicted.append(labels.cpu().numpy())
         truth.append(batch.labels.cpu().numpy())
         region_predicted.append(regions.cpu().numpy())
         region_truth.append(batch.regions.cpu().numpy())
     network.train(was_training)
-    predicted_labels = np.concatenate(predicted)
-    true_labels = np.concatenate(truth)
+    return _validation_metrics(
+        network, predicted, truth, region_predicted, region_truth
+    )
+
+
+@torch.inference_mode()
+def evaluate_volumes(
+    network: nn.Module,
+    cases: Sequence[TrainingCase],
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 4,
+) -> dict:
+    """Validation metrics on whole series, each cut to its body window as in `segment_volume`."""
+    from scoring import inference
+
+    was_training = network.training
+    network.eval()
+
+    def predict(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device, precision):
+            return predict_labels(
+                network, inputs.to(device).contiguous(memory_format=torch.channels_last)
+            )
+
+    predicted, truth, region_predicted, region_truth = [], [], [], []
+    for case in cases:
+        labels, regions = inference.predict_array(
+            case.hu, inference.body_window(case.hu), predict, batch_size
+        )
+        predicted.append(labels)
+        truth.append(case.labels)
+        region_predicted.append(regions)
+        region_truth.append(case.regions)
+    network.train(was_training)
+    return _validation_metrics(network, predicted, truth, region_predicted, region_truth)
+
+
+def _validation_metrics(
+    network: nn.Module,
+    predicted: Sequence[np.ndarray],
+    truth: Sequence[np.ndarray],
+    region_predicted: Sequence[np.ndarray],
+    region_truth: Sequence[np.ndarray],
+) -> dict:
+    predicted_labels = np.concatenate([array.reshape(-1) for array in predicted])
+    true_labels = np.concatenate([array.reshape(-1) for array in truth])
     binary = metrics.binary_voxel_metrics(predicted_labels, true_labels)
+    region_f1 = math.nan
+    # The single-task model has no region task, so its CAR F1 is undefined.
+    if getattr(network, "architecture", "") != "single":
+        region_f1 = metrics.region_micro_f1(
+            np.concatenate([array.reshape(-1) for array in region_predicted]),
+            np.concatenate([array.reshape(-1) for array in region_truth]),
+        )
     return {
         "micro_f1_cac": metrics.multiclass_micro_f1(predicted_labels, true_labels),
         "binary_f1": binary.f1,
-        # The single-task model has no region task, so its CAR F1 is undefined.
-        "micro_f1_car": math.nan if getattr(network, "architecture", "") == "single" else
-        metrics.region_micro_f1(np.concatenate(region_predicted), np.concatenate(region_truth)),
+        "micro_f1_car": region_f1,
     }
 
 
@@ -705,10 +816,14 @@ def train(
     sampler = HybridSampler(
         train_cases, config.crop_size, config.calcium_fraction, config.max_shift, generator,
         body_crop_fraction=config.body_crop_fraction,
+        candidate_crop_fraction=config.candidate_crop_fraction,
     )
-    validation = validation_batches(
-        validation_cases, config.crop_size, seed=config.seed + 7919, crops=config.validation_crops
-    )
+    validation = []
+    if config.validation == "crops":
+        validation = validation_batches(
+            validation_cases, config.crop_size, seed=config.seed + 7919,
+            crops=config.validation_crops,
+        )
     summary = {
         "training": summarise_cases(train_cases),
         "validation": summarise_cases(validation_cases),
@@ -731,7 +846,11 @@ def train(
         for _ in steps:
             batch = sampler.sample(config.batch_size).to(device)
             optimizer.zero_grad(set_to_none=True)
-            total, region_part, lesion_part = wrapped(batch.inputs, batch.labels, batch.regions)
+            with autocast(device, config.precision):
+                total, region_part, lesion_part = wrapped(
+                    batch.inputs.contiguous(memory_format=torch.channels_last),
+                    batch.labels, batch.regions,
+                )
             total.backward()
             optimizer.step()
             totals += [float(total.detach()), float(region_part.detach()), float(lesion_part.detach())]
@@ -739,8 +858,19 @@ def train(
 
         improved = False
         record: dict[str, float] = {}
+        validating = epoch % config.validation_every == 0 or epoch == config.epochs
         if distributed.is_main:
-            validation_metrics = evaluate_batches(module.network, validation, device)
+            if not validating:
+                validation_metrics = dict.fromkeys(("micro_f1_cac", "binary_f1", "micro_f1_car"),
+                                                   math.nan)
+            elif config.validation == "volumes":
+                validation_metrics = evaluate_volumes(
+                    module.network, validation_cases, device, config.precision
+                )
+            else:
+                validation_metrics = evaluate_batches(
+                    module.network, validation, device, config.precision
+                )
             sigma_region, sigma_lesion = sigmas(module)
             record = {
                 "epoch": epoch,
@@ -754,20 +884,24 @@ def train(
                 **validation_metrics,
             }
             history.append(record)
-            improved = validation_metrics["micro_f1_cac"] > best_f1
+            improved = validating and validation_metrics["micro_f1_cac"] > best_f1
             if improved:
                 best_f1 = validation_metrics["micro_f1_cac"]
                 best_epoch = epoch
                 epochs_without_improvement = 0
-            else:
+            elif validating:
                 epochs_without_improvement += 1
+            validation_text = (
+                "validation micro-F1 CAC {micro_f1_cac:.3f}, binary F1 {binary_f1:.3f}, "
+                "micro-F1 CAR {micro_f1_car:.3f}".format(**validation_metrics)
+                if validating else "no validation this epoch"
+            )
             logger.info(
                 "epoch %d/%d: loss %.4f (region %.4f, lesion %.4f), sigma_R %.3f, sigma_L %.3f, "
-                "validation micro-F1 CAC %.3f, binary F1 %.3f, micro-F1 CAR %.3f, lr %.2e, %.0f s",
+                "%s, lr %.2e, %.0f s",
                 epoch, config.epochs, record["loss"], record["region_loss"],
-                record["lesion_loss"], sigma_region, sigma_lesion,
-                validation_metrics["micro_f1_cac"], validation_metrics["binary_f1"],
-                validation_metrics["micro_f1_car"], record["learning_rate"], record["seconds"],
+                record["lesion_loss"], sigma_region, sigma_lesion, validation_text,
+                record["learning_rate"], record["seconds"],
             )
             metadata = _metadata(config, summary, record, best_f1, best_epoch)
             state = _training_state(
@@ -779,13 +913,15 @@ def train(
             )
             if improved:
                 checkpoint_module.save_checkpoint(best_path, checkpoint)
+            if epoch in config.snapshot_epochs:
+                checkpoint_module.save_checkpoint(output_dir / f"epoch-{epoch:03d}.pt", checkpoint)
             checkpoint_module.save_checkpoint(last_path, checkpoint)
             if on_epoch is not None:
                 on_epoch(record)
             stop = epochs_without_improvement >= config.patience
             if stop:
                 logger.info(
-                    "early stop after epoch %d: no better validation micro-F1 for %d epochs "
+                    "early stop after epoch %d: no better validation micro-F1 for %d validations "
                     "(best %.3f at epoch %d)", epoch, config.patience, best_f1, best_epoch,
                 )
         if _broadcast_flag(stop, distributed, device):

@@ -54,9 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=["torch", "onnx"],
+        choices=["auto", "torch", "onnx"],
         default=None,
-        help="how the model runs: torch, or onnx for ONNX Runtime on the CPU (default: from --config, else torch)",
+        help="how the model runs: auto (ONNX Runtime on the CPU, torch on a GPU), torch, or onnx "
+        "(default: from --config, else auto)",
     )
     parser.add_argument(
         "--model",
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy, parameters = ProtocolPolicy(), ScoringParameters()
     model_path, device, uid_root = args.model, args.device or "auto", args.uid_root or DEFAULT_UID_ROOT
-    runtime = args.runtime or "torch"
+    runtime = args.runtime or "auto"
     if args.config:
         try:
             settings = load_settings(args.config)

@@ -208,7 +208,9 @@ def test_parse_settings_runtime_onnx_on_cpu_accepted(tmp_path: Path) -> None:
 def test_parse_settings_runtime_invalid_or_onnx_off_cpu_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as unknown:
         parse_settings('[scoring]\nruntime = "tensorrt"\n', base_dir=tmp_path)
-    assert unknown.value.problems == ['[scoring] runtime = \'tensorrt\': allowed values are "torch" or "onnx"']
+    assert unknown.value.problems == [
+        '[scoring] runtime = \'tensorrt\': allowed values are "auto", "torch" or "onnx"'
+    ]
 
     # ONNX Runtime is installed with its CPU provider only, so "auto" (which picks CUDA when
     # present) and "cuda" are rejected rather than failing at the first job.
@@ -216,5 +218,11 @@ def test_parse_settings_runtime_invalid_or_onnx_off_cpu_rejected(tmp_path: Path)
         parse_settings('[scoring]\nruntime = "onnx"\ndevice = "auto"\n', base_dir=tmp_path)
     assert off_cpu.value.problems == [
         '[scoring] runtime = "onnx" runs on the CPU only, but device = \'auto\'; '
-        'set device = "cpu", or runtime = "torch"'
+        'set device = "cpu", or runtime = "auto" to use ONNX Runtime only on the CPU'
     ]
+
+
+def test_parse_settings_runtime_defaults_to_auto(tmp_path: Path) -> None:
+    settings = parse_settings("", base_dir=tmp_path)
+    assert settings.scoring.runtime == "auto"
+    assert settings.scoring.device == "auto"

@@ -25,7 +25,7 @@ def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch
     model_path = write_untrained_model(tmp_path / "untrained.pt")
 
     settings = make_settings(tmp_path / "storage")
-    torch_settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path))
+    torch_settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path, runtime="torch"))
     onnx_settings = replace(torch_settings, scoring=replace(torch_settings.scoring, runtime="onnx"))
 
     # An untrained network may label nothing, so equal outputs alone would not show that
@@ -49,3 +49,14 @@ def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch
     np.testing.assert_array_equal(with_onnx.regions, with_torch.regions)
     assert with_onnx.result.agatston == with_torch.result.agatston
     assert with_onnx.model_version == with_torch.model_version == "untrained-test"
+
+
+def test_check_model_prepares_the_onnx_runtime_before_the_first_series(tmp_path: Path) -> None:
+    model_path = write_untrained_model(tmp_path / "untrained.pt")
+    settings = make_settings(tmp_path / "storage")
+    settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path, device="cpu"))
+    assert settings.scoring.runtime == "auto"
+    pipeline = ScoringPipeline(settings)
+
+    assert pipeline.check_model() == "untrained-test"
+    assert id(pipeline._loaded_model().network) in inference._ONNX_SESSIONS

@@ -272,3 +272,22 @@ def test_segment_volume_unknown_runtime_raises(random_model_path: Path):
     loaded = inference.load_model(random_model_path, device="cpu")
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         inference.segment_volume(_volume(_small_chest(1)), loaded, runtime="tensorrt")
+
+
+def test_resolve_runtime_auto_picks_onnx_on_the_cpu(random_model_path: Path):
+    loaded = inference.load_model(random_model_path, device="cpu")
+    assert inference.resolve_runtime(loaded, "auto") == "onnx"
+    assert inference.resolve_runtime(loaded, "torch") == "torch"
+    assert inference.prepare_runtime(loaded, "auto") == "onnx"
+    # prepare_runtime exported the model once; segment_volume reuses that session.
+    assert id(loaded.network) in inference._ONNX_SESSIONS
+
+
+def test_resolve_runtime_auto_without_onnxruntime_falls_back_to_torch(
+    random_model_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import sys
+
+    loaded = inference.load_model(random_model_path, device="cpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert inference.resolve_runtime(loaded, "auto") == "torch"

@@ -236,7 +236,7 @@ def test_parse_seeds_ranges_and_lists():
     from node.commands.train import parse_seeds
 
     assert parse_seeds("0-3,7,2") == [0, 1, 2, 3, 7]
-    with pytest.raises(argparse.ArgumentTypeError, match="invalid seed list '5-2'"):
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid list '5-2'"):
         parse_seeds("5-2")
 
 
