@@ -90,10 +90,11 @@ def evaluate_model(
     cases: Sequence[EvaluationCase],
     *,
     batch_size: int = 4,
+    runtime: str = "torch",
 ) -> metrics.EvaluationReport:
     """Segment and score every case with `loaded_model` and pool the metrics.
 
-    loaded_model: a `scoring.inference.LoadedModel`.
+    loaded_model: a `scoring.inference.LoadedModel`. runtime: as in `segment_volume`.
     Returns the EvaluationReport; its per-scan rows hold reference and
     predicted Agatston, volume and risk category.
     """
@@ -103,7 +104,9 @@ def evaluate_model(
     scans = []
     for case in cases:
         started = time.perf_counter()
-        segmentation = segment_volume(case.volume, loaded_model, batch_size=batch_size)
+        segmentation = segment_volume(
+            case.volume, loaded_model, batch_size=batch_size, runtime=runtime
+        )
         predicted = score_volume(case.volume, segmentation.labels)
         reference = score_volume(case.volume, case.labels)
         logger.info(

@@ -49,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="slices per forward pass (default 4)")
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                        help="how the models run: auto (ONNX Runtime on the CPU, torch on a GPU), "
+                             "torch or onnx (default auto)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"cacs-node evaluate: model {name}: {error}", file=sys.stderr)
             return 2
         reports[name] = evaluation.evaluate_model(
-            name, loaded, cases, batch_size=args.batch_size
+            name, loaded, cases, batch_size=args.batch_size, runtime=args.runtime
         )
 
     print(f"Detection on {len(cases)} series")

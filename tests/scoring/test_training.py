@@ -98,6 +98,31 @@ def test_hybrid_sampler_body_crops_reach_body_far_from_heart():
     assert not bool(torch.isclose(heart_crops, torch.tensor(tissue)).any())
 
 
+def test_hybrid_sampler_candidate_crops_centre_on_non_coronary_candidates():
+    # Without translation, a candidate crop is centred on a pixel of the bone block
+    # (rows 200-219, columns 120-139, label 4), the only candidate that is not coronary
+    # calcium on slices 0 and 3; the centre lands at row 128, column 128 of the crop.
+    case = _synthetic_case()
+    sampler = training.HybridSampler(
+        [case], 256, 0.0, 0, np.random.default_rng(3), candidate_crop_fraction=1.0
+    )
+    for _ in range(5):
+        case_index, slice_index, calcium = sampler._draw_slice()
+        row, column = sampler._anchor(case, slice_index, calcium)
+        assert not calcium
+        assert 200 <= row < 220 and 120 <= column < 140
+        assert case.labels[slice_index, row, column] == 4
+
+
+def test_hybrid_sampler_candidate_crops_without_candidates_use_the_annotation():
+    case = _corner_body_case()
+    sampler = training.HybridSampler(
+        [case], 256, 0.0, 0, np.random.default_rng(0), candidate_crop_fraction=1.0
+    )
+    # No pixel reaches 130 HU, so the crop falls back to the CAR annotation's centre.
+    assert sampler._anchor(case, 0, False) == (384, 384)
+
+
 def test_hybrid_sampler_same_seed_same_batch():
     first = training.HybridSampler([_synthetic_case()], 256, 0.5, 32, np.random.default_rng(4))
     second = training.HybridSampler([_synthetic_case()], 256, 0.5, 32, np.random.default_rng(4))
@@ -190,6 +215,56 @@ def test_train_then_resume_continues_epochs_and_writes_metadata(tmp_path: Path):
     )
     assert [record["epoch"] for record in resumed.history] == [1, 2]
     assert checkpoint.load_checkpoint(tmp_path / "last.pt").training_state["epoch"] == 2
+
+
+def test_train_bf16_volume_validation_and_snapshots(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(
+        epochs=3, steps_per_epoch=1, batch_size=2, seed=5, precision="bf16",
+        validation="volumes", validation_every=2, snapshot_epochs=(1,),
+    )
+    outcome = training.train(config, cases, cases, tmp_path, progress=False)
+    history = outcome.history
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    # Epoch 1 is not a validation epoch; 2 is (every 2), and so is the last epoch.
+    assert np.isnan(history[0]["micro_f1_cac"])
+    assert 0.0 <= history[1]["micro_f1_cac"] <= 1.0
+    assert 0.0 <= history[2]["micro_f1_cac"] <= 1.0
+    assert outcome.best_epoch in (2, 3)
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == [
+        "best.pt", "epoch-001.pt", "last.pt"
+    ]
+    assert checkpoint.load_checkpoint(tmp_path / "epoch-001.pt").training_state["epoch"] == 1
+
+
+def test_evaluate_volumes_counts_whole_slices():
+    # A network that calls every candidate pixel LAD: on the synthetic case the 32 LAD
+    # pixels are found, and the 400 bone pixels per slice (label 4) are false positives.
+    class EverythingLad(torch.nn.Module):
+        architecture = "single"
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(inputs.shape[0], 4, *inputs.shape[2:])
+            logits[:, 1] = 1.0
+            return logits
+
+    case = _synthetic_case()
+    result = training.evaluate_volumes(EverythingLad(), [case], torch.device("cpu"))
+    true_positive, false_positive = 32, 4 * 400
+    assert result["micro_f1_cac"] == pytest.approx(
+        2 * true_positive / (2 * true_positive + false_positive)
+    )
+    assert np.isnan(result["micro_f1_car"])
+
+
+def test_training_config_crop_fractions_above_one_together_raise():
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        training.TrainingConfig(body_crop_fraction=0.6, candidate_crop_fraction=0.5)
+
+
+def test_training_config_unknown_precision_raises():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        training.TrainingConfig(precision="fp8")
 
 
 def test_train_continue_from_uses_continue_learning_rate(tmp_path: Path):
