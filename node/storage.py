@@ -15,11 +15,12 @@ renamed, so a crash leaves either the complete file or a temporary file that
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
+
+# Temporary names of atomic writes; `remove_stale_temporaries` deletes those a crash left.
+from scoring.fileio import TEMPORARY_PREFIX, TEMPORARY_SUFFIX, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,6 @@ INCOMING_FOLDER = "incoming"
 CONFLICTS_FOLDER = "conflicts"
 OUTPUTS_FOLDER = "outputs"
 DATABASE_NAME = "jobs.sqlite3"
-
-#: Prefix and suffix of temporary files; `remove_stale_temporaries` deletes them.
-TEMPORARY_PREFIX = ".partial-"
-TEMPORARY_SUFFIX = ".tmp"
 
 #: A UID as PS3.5 section 9.1 defines it: digits and dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -148,21 +145,7 @@ class InstanceStore:
             OSError: the folder cannot be created or the write fails; no partial
                 file is left at `path`.
         """
-        path = self.checked(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX, dir=path.parent
-        )
-        try:
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_folder(path.parent)
+        atomic_write_bytes(self.checked(path), data)
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by an interrupted write; return how many were deleted."""
@@ -174,14 +157,3 @@ class InstanceStore:
         if removed:
             logger.warning("deleted %d temporary file(s) left by an interrupted write under %s", removed, self.root)
         return removed
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder entry so that a rename inside it survives a power loss (POSIX only)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

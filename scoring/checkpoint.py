@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from scoring import model as model_module
+from scoring.fileio import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -106,25 +105,8 @@ class Checkpoint:
 
 def write_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Save `payload` with torch.save to a temporary file, fsync it, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates the file with mode 0600; checkpoints are meant to be readable.
-        os.chmod(temporary_name, 0o644)
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with atomic_writer(path) as stream:
+        torch.save(payload, stream)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> str:
