@@ -115,6 +115,8 @@ class ScoringPipeline:
         self.settings = settings
         self._model: Any = None
         self._model_lock = threading.Lock()
+        #: The runtime that `check_model` resolved [scoring] runtime to ("onnx" or "torch").
+        self.runtime: str | None = None
 
     def _loaded_model(self) -> Any:
         from scoring.inference import load_model
@@ -150,7 +152,7 @@ class ScoringPipeline:
             if hasattr(model, "network"):
                 from scoring.inference import prepare_runtime
 
-                prepare_runtime(model, self.settings.scoring.runtime)
+                self.runtime = prepare_runtime(model, self.settings.scoring.runtime)
             import sr_writer  # noqa: F401  (highdicom and matplotlib take about a second to import)
 
             return version

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,7 +129,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
             ) from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(
-            f"device {device!s} requested but torch finds no CUDA device; use --device cpu"
+            f"device {device!s} requested but torch finds no CUDA device; choose device \"cpu\" "
+            "(--device cpu on the command line, [scoring] device = \"cpu\" in node.toml)"
         )
     return resolved
 
@@ -312,11 +314,17 @@ def _onnx_session(loaded: LoadedModel) -> Any:
         buffer = io.BytesIO()
         axes = {0: "slices", 2: "rows", 3: "columns"}
         outputs = ["region", "lesion"] if loaded.architecture != "single" else ["classes"]
-        torch.onnx.export(
-            network, (torch.zeros(1, 2, SIZE_MULTIPLE, SIZE_MULTIPLE),), buffer,
-            input_names=["input"], output_names=outputs, opset_version=17, dynamo=False,
-            dynamic_axes={name: axes for name in ["input", *outputs]},
-        )
+        with warnings.catch_warnings():
+            # The tracer warns about the input-size check in the network's forward; the
+            # exported graph is checked against torch in the tests, so the warning only
+            # alarms operators reading the log.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                network, (torch.zeros(1, 2, SIZE_MULTIPLE, SIZE_MULTIPLE),), buffer,
+                input_names=["input"], output_names=outputs, opset_version=17, dynamo=False,
+                dynamic_axes={name: axes for name in ["input", *outputs]},
+            )
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         _ONNX_SESSIONS[key] = onnxruntime.InferenceSession(

@@ -36,6 +36,7 @@ from scoring import checkpoint as checkpoint_module
 from scoring import losses
 from scoring import metrics
 from scoring.config import CALCIUM_THRESHOLD_HU
+from scoring.fileio import atomic_write_bytes
 from scoring.model import build_model, predict_labels, prepare_input
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
@@ -191,6 +192,11 @@ class TrainingConfig:
         if self.validation not in ("crops", "volumes"):
             raise ValueError(
                 f"unknown validation {self.validation!r}; expected 'crops' or 'volumes'"
+            )
+        outside = [epoch for epoch in self.snapshot_epochs if not 1 <= epoch <= self.epochs]
+        if outside:
+            raise ValueError(
+                f"snapshot epochs {outside} lie outside the epochs of this run (1 to {self.epochs})"
             )
         if self.precision not in PRECISIONS:
             raise ValueError(
@@ -806,6 +812,7 @@ def train(
             generator = checkpoint_module.restore_numpy_generator(generators[distributed.rank])
         torch.set_rng_state(training_state["torch_rng"])
         logger.info("resumed %s at epoch %d", resume, start_epoch)
+        _carry_best_checkpoint(Path(resume), output_dir, distributed.is_main)
 
     wrapped: nn.Module = module
     if distributed.enabled:
@@ -928,6 +935,22 @@ def train(
             break
 
     return TrainingOutcome(last_path, best_path, epoch, best_epoch, best_f1, history)
+
+
+def _carry_best_checkpoint(resume: Path, output_dir: Path, is_main: bool) -> None:
+    """Copy best.pt from the resumed run's folder when a resumed run writes into another folder.
+
+    The resumed state carries the best validation micro-F1 so far; without its
+    weights the new folder would have no best.pt until a later epoch beats it.
+    """
+    source = resume.parent / "best.pt"
+    target = output_dir / "best.pt"
+    if not is_main or target.exists() or not source.is_file():
+        return
+    if source.resolve() == target.resolve():
+        return
+    atomic_write_bytes(target, source.read_bytes())
+    logger.info("copied %s to %s", source, target)
 
 
 def _check_architecture(source: checkpoint_module.Checkpoint, config: TrainingConfig) -> None:

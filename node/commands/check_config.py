@@ -41,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     from node.pipeline import ModelUnavailableError, ScoringPipeline
 
+    pipeline = ScoringPipeline(settings)
     try:
-        model_version = ScoringPipeline(settings).check_model()
+        model_version = pipeline.check_model()
     except ModelUnavailableError as error:
-        print(f"cacs-node check-config: {path}: [scoring] model_path: {error}", file=sys.stderr)
+        print(f"cacs-node check-config: {path}: [scoring]: {error}", file=sys.stderr)
         return 1
 
     node = settings.node
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  storage root {settings.storage.root}, minimum free space {settings.storage.min_free_space_mb} MiB")
     print(
         f"  model {model_path} (version {model_version}) on device {settings.scoring.device}, "
-        f"quiet period {settings.scoring.quiet_period_s} s"
+        f"runtime {pipeline.runtime or settings.scoring.runtime}, quiet period {settings.scoring.quiet_period_s} s"
     )
     for warning in settings_warnings(settings):
         print(f"  warning: {warning}")

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except ModelUnavailableError as error:
         print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
         return 1
-    logger.info("model version %s ready", model_version)
+    logger.info("model version %s ready, runtime %s", model_version, pipeline.runtime)
 
     server = NodeServer(settings, pipeline=pipeline)
     try:

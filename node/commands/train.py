@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node train: {error}", file=sys.stderr)
         return 2
 
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        print(f"cacs-node train: {args.output_dir} is a file; give a folder for the checkpoints",
+              file=sys.stderr)
+        return 2
     phantom_options = {}
     if args.phantom_slices is not None:
         phantom_options["slices"] = args.phantom_slices
@@ -204,8 +208,20 @@ def run(args: argparse.Namespace) -> int:
         f"trained {config.model_name} for {outcome.epochs_run} epochs; best validation "
         f"micro-F1 {outcome.best_micro_f1:.3f} at epoch {outcome.best_epoch}"
     )
-    print(f"checkpoints: {outcome.best_checkpoint_path} (best), {outcome.checkpoint_path} (last)")
+    written = [
+        f"{path} ({role})"
+        for path, role in ((outcome.best_checkpoint_path, "best"), (outcome.checkpoint_path, "last"))
+        if Path(path).is_file()
+    ]
+    print(f"checkpoints: {', '.join(written) or 'none written'}")
     if args.export is not None:
+        if not Path(outcome.best_checkpoint_path).is_file():
+            print(
+                f"cacs-node train: nothing to export: {outcome.best_checkpoint_path} does not exist "
+                "(no validation improved on the resumed run's best)",
+                file=sys.stderr,
+            )
+            return 2
         version = training.export_model(
             outcome.best_checkpoint_path, args.export, half_precision=args.export_fp16
         )

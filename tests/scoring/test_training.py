@@ -357,3 +357,30 @@ def test_train_under_torchrun_two_processes_writes_checkpoint(tmp_path: Path):
     assert saved.training_state["epoch"] == 1
     assert "joined torchrun group: rank 0 of 2" in completed.stderr
     assert "joined torchrun group: rank 1 of 2" in completed.stderr
+
+
+def test_resume_into_another_folder_carries_best_checkpoint(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    training.train(config, cases, cases, tmp_path / "first", progress=False)
+    longer = training.TrainingConfig(epochs=2, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    outcome = training.train(
+        longer, cases, cases, tmp_path / "second", resume=tmp_path / "first" / "last.pt",
+        progress=False,
+    )
+    assert outcome.best_checkpoint_path == tmp_path / "second" / "best.pt"
+    assert outcome.best_checkpoint_path.is_file()
+
+
+def test_train_command_output_folder_that_is_a_file_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    target = tmp_path / "junk.pt"
+    target.write_bytes(b"not a folder")
+    assert main(["train", str(target), "--phantom-seeds", "0", "--epochs", "1"]) == 2
+    assert "is a file; give a folder for the checkpoints" in capsys.readouterr().err
+
+
+def test_training_config_snapshot_epoch_beyond_the_run_raises():
+    with pytest.raises(ValueError, match=r"snapshot epochs \[0, 5\] lie outside the epochs of this run \(1 to 4\)"):
+        training.TrainingConfig(epochs=4, snapshot_epochs=(0, 2, 5))
