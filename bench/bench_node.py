@@ -271,7 +271,7 @@ def step_times(log: Path, since_wall: float) -> list[tuple[float, str]]:
             stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         except ValueError:
             continue
-        message = re.sub(r"^job (\d+) study \S+ series \S+?:", r"job \1:", line[24:].split(": ", 1)[-1])
+        message = re.sub(r"^job (\d+) study \S+ series \S+[^:]*:", r"job \1:", line[24:].split(": ", 1)[-1])
         message = re.sub(r"series [0-9.]+", "series", message)
         steps.append((stamp - since_wall, message[:110]))
     return steps
