@@ -1013,6 +1013,50 @@ def _training_state(
     }
 
 
+def recalibrate_batch_norm(
+    network: nn.Module,
+    sampler: HybridSampler,
+    batches: int = 30,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+) -> None:
+    """Recompute the batch-norm running statistics as the plain average over `batches` batches.
+
+    Training keeps exponential averages (momentum 0.1) that mostly reflect
+    the last ten batches, and crops of bone, noise and heart give those
+    batches different statistics, so a checkpoint's eval-mode output depends
+    on where in the epoch it was written. Averaging over many batches with
+    the weights fixed removes that. Weights, dropout and the network's
+    mode are left as they were.
+    """
+    device = device or next(network.parameters()).device
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = network.training
+    momenta = [norm.momentum for norm in norms]
+    dropouts = [m for m in network.modules() if isinstance(m, nn.Dropout)]
+    dropout_modes = [m.training for m in dropouts]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    network.train()
+    for dropout in dropouts:
+        dropout.eval()
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for _ in range(batches):
+                batch = sampler.sample(batch_size).to(device)
+                network(batch.inputs.contiguous(memory_format=torch.channels_last))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for dropout, mode in zip(dropouts, dropout_modes):
+            dropout.train(mode)
+        network.train(was_training)
+
+
 def export_model(source: Path, destination: Path, extra_metadata: dict[str, Any] | None = None,
                  half_precision: bool = False) -> str:
     """Write the weights and metadata of `source` without training state; return the model version.

@@ -384,3 +384,31 @@ def test_train_command_output_folder_that_is_a_file_exits_2(tmp_path: Path, caps
 def test_training_config_snapshot_epoch_beyond_the_run_raises():
     with pytest.raises(ValueError, match=r"snapshot epochs \[0, 5\] lie outside the epochs of this run \(1 to 4\)"):
         training.TrainingConfig(epochs=4, snapshot_epochs=(0, 2, 5))
+
+
+def test_recalibrate_batch_norm_averages_over_batches_and_keeps_weights():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5)
+    )
+    network.eval()
+    weights = network[0].weight.detach().clone()
+
+    class FixedSampler:
+        def __init__(self) -> None:
+            self.scales = iter([1.0, 3.0])
+
+        def sample(self, batch_size: int) -> training.Batch:
+            inputs = torch.full((batch_size, 2, 4, 4), next(self.scales))
+            return training.Batch(inputs, torch.zeros(batch_size, 4, 4, dtype=torch.uint8),
+                                  torch.zeros(batch_size, 4, 4, dtype=torch.int64))
+
+    training.recalibrate_batch_norm(network, FixedSampler(), batches=2, batch_size=2)
+    with torch.no_grad():
+        first = network[0](torch.full((1, 2, 1, 1), 1.0)).flatten()
+        second = network[0](torch.full((1, 2, 1, 1), 3.0)).flatten()
+    # The running mean is the plain average of the two batch means, not a 0.1-momentum blend.
+    torch.testing.assert_close(network[1].running_mean, (first + second) / 2)
+    assert network[1].momentum == 0.1
+    assert not network.training and not network[2].training
+    assert torch.equal(network[0].weight, weights)
