@@ -1057,6 +1057,39 @@ def recalibrate_batch_norm(
         network.train(was_training)
 
 
+def recalibrate_checkpoint(
+    source: Path,
+    destination: Path,
+    cases: Sequence[TrainingCase],
+    config: TrainingConfig,
+    batches: int = 50,
+    seed: int = 12345,
+) -> None:
+    """Write `source`'s weights with batch-norm statistics recalibrated on training crops.
+
+    The crops come from a hybrid sampler with `config`'s crop size and
+    fractions and its own `seed`; the statistics are taken in float32, as
+    the node runs the model. The metadata records how.
+    """
+    source_checkpoint = checkpoint_module.load_checkpoint(source)
+    network = source_checkpoint.build_network().to(memory_format=torch.channels_last)
+    sampler = HybridSampler(
+        cases, config.crop_size, config.calcium_fraction, config.max_shift,
+        np.random.default_rng(seed), body_crop_fraction=config.body_crop_fraction,
+        candidate_crop_fraction=config.candidate_crop_fraction,
+    )
+    recalibrate_batch_norm(network, sampler, batches=batches, batch_size=config.batch_size)
+    metadata = dict(source_checkpoint.metadata)
+    metadata["batch_norm_recalibration"] = {
+        "batches": batches, "batch_size": config.batch_size, "seed": seed,
+        "training_data": summarise_cases(cases),
+    }
+    state_dict = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
+    checkpoint_module.save_checkpoint(
+        destination, checkpoint_module.Checkpoint(source_checkpoint.architecture, state_dict, metadata)
+    )
+
+
 def export_model(source: Path, destination: Path, extra_metadata: dict[str, Any] | None = None,
                  half_precision: bool = False) -> str:
     """Write the weights and metadata of `source` without training state; return the model version.

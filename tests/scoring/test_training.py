@@ -412,3 +412,19 @@ def test_recalibrate_batch_norm_averages_over_batches_and_keeps_weights():
     assert network[1].momentum == 0.1
     assert not network.training and not network[2].training
     assert torch.equal(network[0].weight, weights)
+
+
+def test_train_command_export_with_recalibration_records_it(tmp_path: Path):
+    from node.cli import main
+
+    exported = tmp_path / "model.pt"
+    status = main([
+        "train", str(tmp_path / "run"), "--phantom-seeds", "0", "--validation-seeds", "1000",
+        "--phantom-slices", "4", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+        "--threads", "1", "--no-progress", "--export", str(exported), "--recalibrate-batches", "2",
+    ])
+    assert status == 0
+    metadata = checkpoint.load_checkpoint(exported).metadata
+    assert metadata["batch_norm_recalibration"]["batches"] == 2
+    assert metadata["batch_norm_recalibration"]["training_data"]["series"] == 1
+    assert (tmp_path / "run" / "best-recalibrated.pt").is_file()
