@@ -98,10 +98,10 @@ def test_hybrid_sampler_body_crops_reach_body_far_from_heart():
     assert not bool(torch.isclose(heart_crops, torch.tensor(tissue)).any())
 
 
-def test_hybrid_sampler_candidate_crops_centre_on_non_coronary_candidates():
-    # Without translation, a candidate crop is centred on a pixel of the bone block
-    # (rows 200-219, columns 120-139, label 4), the only candidate that is not coronary
-    # calcium on slices 0 and 3; the centre lands at row 128, column 128 of the crop.
+def test_candidate_crops_centre_on_non_coronary_candidates():
+    # The bone block (rows 200-219, columns 120-139, label 4) holds the only candidate
+    # pixels that are not coronary calcium on slices 0 and 3. Without translation,
+    # every candidate crop is centred on one of them.
     case = _synthetic_case()
     sampler = training.HybridSampler(
         [case], 256, 0.0, 0, np.random.default_rng(3), candidate_crop_fraction=1.0
@@ -110,11 +110,12 @@ def test_hybrid_sampler_candidate_crops_centre_on_non_coronary_candidates():
         case_index, slice_index, calcium = sampler._draw_slice()
         row, column = sampler._anchor(case, slice_index, calcium)
         assert not calcium
-        assert 200 <= row < 220 and 120 <= column < 140
+        assert 200 <= row < 220
+        assert 120 <= column < 140
         assert case.labels[slice_index, row, column] == 4
 
 
-def test_hybrid_sampler_candidate_crops_without_candidates_use_the_annotation():
+def test_candidate_crops_without_candidates_use_annotation_centre():
     case = _corner_body_case()
     sampler = training.HybridSampler(
         [case], 256, 0.0, 0, np.random.default_rng(0), candidate_crop_fraction=1.0
@@ -372,7 +373,7 @@ def test_resume_into_another_folder_carries_best_checkpoint(tmp_path: Path):
     assert outcome.best_checkpoint_path.is_file()
 
 
-def test_train_command_output_folder_that_is_a_file_exits_2(tmp_path: Path, capsys):
+def test_train_command_file_as_output_folder_exits_2(tmp_path: Path, capsys):
     from node.cli import main
 
     target = tmp_path / "junk.pt"
@@ -386,7 +387,7 @@ def test_training_config_snapshot_epoch_beyond_the_run_raises():
         training.TrainingConfig(epochs=4, snapshot_epochs=(0, 2, 5))
 
 
-def test_recalibrate_batch_norm_averages_over_batches_and_keeps_weights():
+def test_recalibrate_batch_norm_plain_average_of_batches():
     torch.manual_seed(0)
     network = torch.nn.Sequential(
         torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout(0.5)
@@ -410,7 +411,8 @@ def test_recalibrate_batch_norm_averages_over_batches_and_keeps_weights():
     # The running mean is the plain average of the two batch means, not a 0.1-momentum blend.
     torch.testing.assert_close(network[1].running_mean, (first + second) / 2)
     assert network[1].momentum == 0.1
-    assert not network.training and not network[2].training
+    assert not network.training
+    assert not network[2].training
     assert torch.equal(network[0].weight, weights)
 
 
