@@ -114,10 +114,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="after training, write best.pt without training state to this path")
     parser.add_argument("--export-fp16", action="store_true",
                         help="store the exported weights as float16")
-    parser.add_argument("--recalibrate-batches", type=int, default=0,
-                        help="before exporting, recompute the batch-norm statistics of the best "
-                             "weights as an average over this many training batches (default 0: "
-                             "keep the running averages of training)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -226,15 +222,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        source = Path(outcome.best_checkpoint_path)
-        if args.recalibrate_batches > 0:
-            recalibrated = source.with_name("best-recalibrated.pt")
-            training.recalibrate_checkpoint(
-                source, recalibrated, train_cases, config, batches=args.recalibrate_batches
-            )
-            print(f"recalibrated batch norm over {args.recalibrate_batches} batches: {recalibrated}")
-            source = recalibrated
-        version = training.export_model(source, args.export, half_precision=args.export_fp16)
+        version = training.export_model(
+            outcome.best_checkpoint_path, args.export, half_precision=args.export_fp16
+        )
         print(f"exported model {version} to {args.export}")
     return 0
 
