@@ -509,9 +509,9 @@ def validation_batches(
 ) -> list[Batch]:
     """Draw a fixed validation set of `crops` crops with the hybrid sampler at 50 % calcium.
 
-    TODO(#3): these crops lie around the heart, so the validation micro-F1
-    misses false positives in spine and ribs that full slices show. The
-    default model was therefore chosen on full validation volumes instead.
+    These crops lie around the heart, so their micro-F1 misses false
+    positives in spine and ribs that full slices show; `validation="volumes"`
+    in TrainingConfig scores whole series instead.
 
     The same seed gives the same crops, so validation F1 is comparable across epochs.
     """
