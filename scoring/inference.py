@@ -315,9 +315,9 @@ def _onnx_session(loaded: LoadedModel) -> Any:
         axes = {0: "slices", 2: "rows", 3: "columns"}
         outputs = ["region", "lesion"] if loaded.architecture != "single" else ["classes"]
         with warnings.catch_warnings():
-            # The tracer warns about the input-size check in the network's forward; the
-            # exported graph is checked against torch in the tests, so the warning only
-            # alarms operators reading the log.
+            # The tracer warns about the input-size check in the network's forward.
+            # The tests compare the exported graph with torch, so the warning would
+            # only alarm operators reading the log.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(

@@ -940,8 +940,9 @@ def train(
 def _carry_best_checkpoint(resume: Path, output_dir: Path, is_main: bool) -> None:
     """Copy best.pt from the resumed run's folder when a resumed run writes into another folder.
 
-    The resumed state carries the best validation micro-F1 so far; without its
-    weights the new folder would have no best.pt until a later epoch beats it.
+    The resumed state carries the best validation micro-F1 so far. Without
+    its weights, the new folder would have no best.pt until a later epoch
+    beats that value.
     """
     source = resume.parent / "best.pt"
     target = output_dir / "best.pt"

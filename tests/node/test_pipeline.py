@@ -51,7 +51,7 @@ def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch
     assert with_onnx.model_version == with_torch.model_version == "untrained-test"
 
 
-def test_check_model_prepares_the_onnx_runtime_before_the_first_series(tmp_path: Path) -> None:
+def test_check_model_prepares_onnx_runtime(tmp_path: Path) -> None:
     model_path = write_untrained_model(tmp_path / "untrained.pt")
     settings = make_settings(tmp_path / "storage")
     settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path, device="cpu"))

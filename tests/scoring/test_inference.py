@@ -283,7 +283,7 @@ def test_resolve_runtime_auto_picks_onnx_on_the_cpu(random_model_path: Path):
     assert id(loaded.network) in inference._ONNX_SESSIONS
 
 
-def test_resolve_runtime_auto_without_onnxruntime_falls_back_to_torch(
+def test_resolve_runtime_auto_without_onnxruntime(
     random_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     import sys
