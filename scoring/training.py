@@ -127,9 +127,9 @@ class TrainingConfig:
     validation_every: epochs between validations (default 1); early stopping
         counts validations, not epochs.
     validation_crops: number of fixed validation crops (default 32).
-    precision: "fp32", or "bf16" to run forward passes under bfloat16 autocast
-        (about 1.8 times faster training steps on a CPU with AVX512-BF16; the
-        weights, the optimiser and the loss reductions stay float32).
+    precision: "fp32", or "bf16" to run forward passes and losses under
+        bfloat16 autocast. A step of 8 crops of 256² took 1.05 s instead of
+        1.9 s on 2 AVX512-BF16 cores. Weights and optimiser state stay float32.
     snapshot_epochs: epochs after which a copy of the checkpoint is kept as
         epoch-NNN.pt (to compare models at an equal training budget).
     seed: seed of weights, sampling and dropout.

@@ -95,7 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="fixed validation crops (default 32)")
     run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                      help="forward passes in float32 (default) or under bfloat16 autocast, "
-                          "about 1.8 times faster on CPUs with AVX512-BF16 and on recent GPUs")
+                          "which was 1.8 times faster per step on a CPU with AVX512-BF16")
     run.add_argument("--snapshot-epochs", type=parse_seeds, default=(),
                      help="epochs whose checkpoint is also kept as epoch-NNN.pt, e.g. 20,40")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
