@@ -71,8 +71,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="optimisation steps per epoch (default 50)")
     run.add_argument("--batch-size", type=int, default=8,
                      help="slices per step and process (default 8)")
-    run.add_argument("--learning-rate", type=float, default=5e-4,
-                     help="Adam learning rate of a new run (default 5e-4)")
+    run.add_argument("--learning-rate", type=float, default=None,
+                     help="initial Adam learning rate (default 5e-4, or 1e-4 with "
+                          "--continue-from)")
     run.add_argument("--weight-decay", type=float, default=1e-4,
                      help="L2 weight decay (default 1e-4)")
     run.add_argument("--patience", type=int, default=10,
@@ -98,6 +99,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "which was 1.8 times faster per step on a CPU with AVX512-BF16")
     run.add_argument("--snapshot-epochs", type=parse_seeds, default=(),
                      help="epochs whose checkpoint is also kept as epoch-NNN.pt, e.g. 20,40")
+    run.add_argument("--ema-decay", type=float, default=0.0,
+                     help="keep a moving average of the weights with this decay per step, "
+                          "e.g. 0.999, and validate and save the average (default 0: off)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice)")
@@ -126,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
             weighting=args.weighting,
             alpha=args.alpha,
             batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
+            **({} if args.learning_rate is None else {
+                "learning_rate": args.learning_rate, "continue_learning_rate": args.learning_rate,
+            }),
             weight_decay=args.weight_decay,
             epochs=args.epochs,
             steps_per_epoch=args.steps_per_epoch,
@@ -139,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             validation_every=args.validation_every,
             precision=args.precision,
             snapshot_epochs=tuple(args.snapshot_epochs),
+            ema_decay=args.ema_decay,
             seed=args.seed,
             threads=args.threads,
             device=args.device,

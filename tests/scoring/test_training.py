@@ -386,3 +386,82 @@ def test_training_config_snapshot_epoch_beyond_the_run_raises():
     with pytest.raises(ValueError, match=r"snapshot epochs \[0, 5\] lie outside the epochs of this run \(1 to 4\)"):
         training.TrainingConfig(epochs=4, snapshot_epochs=(0, 2, 5))
 
+
+
+def test_weight_average_first_update_and_integer_buffers():
+    network = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        network[0].weight.fill_(1.0)
+    average = training.WeightAverage(network, decay=0.999)
+    with torch.no_grad():
+        network[0].weight.fill_(12.0)
+        network[1].running_mean.fill_(2.2)
+    network[1].num_batches_tracked.fill_(7)
+    average.update(network)
+
+    # First update: d = min(0.999, 2 / 11), so the average moves 9/11 of the way.
+    assert average.updates == 1
+    assert float(average.network[0].weight[0, 0]) == pytest.approx(1.0 + 11.0 * 9 / 11)
+    assert float(average.network[1].running_mean[0]) == pytest.approx(2.2 * 9 / 11)
+    assert int(average.network[1].num_batches_tracked) == 7
+    assert not any(parameter.requires_grad for parameter in average.network.parameters())
+    # The trained network is untouched.
+    assert float(network[0].weight.detach()[0, 0]) == 12.0
+
+
+def test_weight_average_late_updates_use_the_decay():
+    network = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        network.weight.fill_(0.0)
+    average = training.WeightAverage(network, decay=0.9, updates=1000)
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+    average.update(network)
+    assert float(average.network.weight[0, 0]) == pytest.approx(0.1)
+
+
+def test_training_config_ema_decay_of_one_raises():
+    with pytest.raises(ValueError, match=r"EMA decay must lie in \[0, 1\), got 1.0"):
+        training.TrainingConfig(ema_decay=1.0)
+
+
+def test_train_weight_average_saved_and_resumed(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(
+        epochs=1, steps_per_epoch=3, batch_size=2, validation_crops=1, seed=5, ema_decay=0.99
+    )
+    training.train(config, cases, cases, tmp_path, progress=False)
+    saved = checkpoint.load_checkpoint(tmp_path / "last.pt")
+    assert saved.training_state["average_updates"] == 3
+    trained = saved.training_state["trained_network"]
+    assert trained.keys() == saved.state_dict.keys()
+    differing = [
+        name for name, value in saved.state_dict.items()
+        if value.is_floating_point() and not torch.equal(value, trained[name])
+    ]
+    assert differing, "the saved weights must be the average, not the trained weights"
+
+    longer = training.TrainingConfig(
+        epochs=2, steps_per_epoch=3, batch_size=2, validation_crops=1, seed=5, ema_decay=0.99
+    )
+    training.train(longer, cases, cases, tmp_path, resume=tmp_path / "last.pt", progress=False)
+    resumed = checkpoint.load_checkpoint(tmp_path / "last.pt")
+    assert resumed.training_state["epoch"] == 2
+    assert resumed.training_state["average_updates"] == 6
+
+
+def test_train_command_learning_rate_applies_to_continue_mode(tmp_path: Path):
+    from node.cli import main
+
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    training.train(config, cases, cases, tmp_path / "first", progress=False)
+    arguments = [
+        "train", str(tmp_path / "second"), "--phantom-seeds", "7", "--validation-seeds", "8",
+        "--phantom-slices", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+        "--validation-crops", "1", "--threads", "1", "--device", "cpu", "--no-progress",
+        "--continue-from", str(tmp_path / "first" / "best.pt"), "--learning-rate", "3e-4",
+    ]
+    assert main(arguments) == 0
+    history = checkpoint.load_checkpoint(tmp_path / "second" / "last.pt").training_state["history"]
+    assert history[0]["learning_rate"] == pytest.approx(3e-4)
