@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "phantom": "phantom",
     "train": "train",
     "evaluate": "evaluate",
+    "calibrate": "calibrate",
     "serve": "serve",
     "check-config": "check_config",
     "echo": "echo",

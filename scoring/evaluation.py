@@ -132,3 +132,116 @@ def evaluate_model(
             regions_target=case.regions_target,
         ))
     return metrics.evaluate_scans(model_name, scans)
+
+
+# ---------------------------------------------------------------------------
+# Calibration of the lesion decision
+
+
+#: Thresholds that `lesion_threshold_sweep` tries by default: 0.50 to 0.95 in steps of 0.01.
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.01 * step, 2) for step in range(46))
+
+
+@dataclass(frozen=True)
+class ThresholdResult:
+    """Multiclass CAC counts over all calibration series at one lesion threshold (None: argmax)."""
+
+    threshold: float | None
+    counts: metrics.DetectionCounts
+
+
+def lesion_threshold_sweep(
+    loaded_model,
+    cases: Sequence[EvaluationCase],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    batch_size: int = 4,
+) -> list[ThresholdResult]:
+    """Count multiclass CAC TP, FP and FN of `loaded_model` for the argmax rule and each threshold.
+
+    loaded_model: a `scoring.inference.LoadedModel`, run in torch on its device.
+    The network runs once per series, on the body window as in
+    `segment_volume`. The first result is the argmax rule; the others follow
+    `thresholds` in order.
+    """
+    import torch
+
+    from scoring.inference import body_window, predict_array
+    from scoring.model import check_lesion_threshold, combine_outputs
+
+    for threshold in thresholds:
+        check_lesion_threshold(threshold)
+    network, device = loaded_model.network, loaded_model.device
+
+    def predict(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        candidate = inputs[:, 1] > 0.5
+        output = network(inputs.to(device).contiguous(memory_format=torch.channels_last))
+        argmax_labels, _ = combine_outputs(output, candidate.to(device))
+        # Labels with every candidate called calcium, and the probability that decides it.
+        every_labels, _ = combine_outputs(output, candidate.to(device), lesion_threshold=1e-12)
+        logits = output[1] if isinstance(output, tuple) else output
+        probability = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+        return argmax_labels, every_labels, torch.where(candidate.to(device), probability, 0.0)
+
+    totals = [metrics.DetectionCounts(0, 0, 0) for _ in range(len(thresholds) + 1)]
+    for case in cases:
+        hu = np.asarray(case.volume.hu)
+        argmax_labels, every_labels, probability = predict_array(
+            hu, body_window(hu), predict, batch_size
+        )
+        totals[0] += metrics.multiclass_counts(argmax_labels, case.labels)
+        for index, threshold in enumerate(thresholds, start=1):
+            labels = np.where(probability > threshold, every_labels, 0)
+            totals[index] += metrics.multiclass_counts(labels, case.labels)
+        logger.info("calibration: segmented %s", case.name)
+    return [
+        ThresholdResult(threshold, counts)
+        for threshold, counts in zip((None, *thresholds), totals)
+    ]
+
+
+def best_threshold(results: Sequence[ThresholdResult]) -> ThresholdResult:
+    """Pick the result with the highest multiclass micro-F1; the earliest one wins a tie."""
+    def f1(result: ThresholdResult) -> float:
+        value = result.counts.f1
+        return -1.0 if value != value else value
+
+    return max(results, key=f1)
+
+
+def write_calibrated_model(
+    source: Path, destination: Path, chosen: ThresholdResult,
+    results: Sequence[ThresholdResult], series: Sequence[str],
+) -> str:
+    """Copy the weights of `source` with the chosen lesion threshold in the metadata.
+
+    The copy has no training state. Its model version is the model name and
+    the weights' hash, as `export_model` writes it, with "-t" and the
+    threshold appended (nothing for the argmax rule), so reports tell the
+    two decisions apart. Returns the model version.
+    """
+    from scoring import checkpoint as checkpoint_module
+
+    checkpoint = checkpoint_module.load_checkpoint(source)
+    metadata = dict(checkpoint.metadata)
+    base = (
+        f"{metadata.get('model_name', checkpoint.architecture)}-"
+        f"{checkpoint_module.hash_state_dict(checkpoint.state_dict)[:12]}"
+    )
+    version = base if chosen.threshold is None else f"{base}-t{chosen.threshold:g}"
+    metadata.pop("lesion_threshold", None)
+    if chosen.threshold is not None:
+        metadata["lesion_threshold"] = chosen.threshold
+    metadata["model_version"] = version
+    metadata["lesion_threshold_calibration"] = {
+        "series": list(series),
+        "chosen": chosen.threshold,
+        "results": [
+            {"threshold": result.threshold, **result.counts.to_json()} for result in results
+        ],
+    }
+    checkpoint_module.save_checkpoint(
+        destination,
+        checkpoint_module.Checkpoint(checkpoint.architecture, checkpoint.state_dict, metadata),
+    )
+    return version

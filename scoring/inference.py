@@ -31,6 +31,7 @@ from torch import nn
 from scoring.checkpoint import CheckpointError, load_checkpoint
 from scoring.model import (
     SIZE_MULTIPLE,
+    check_lesion_threshold,
     predict_labels,
     prepare_input,
 )
@@ -78,6 +79,12 @@ class LoadedModel:
     device: torch.device
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def lesion_threshold(self) -> float | None:
+        """CAC probability above which a pixel is a lesion (metadata "lesion_threshold");
+        None for the argmax rule."""
+        return self.metadata.get("lesion_threshold")
 
 
 @dataclass(frozen=True)
@@ -167,9 +174,15 @@ def load_model(
     version = checkpoint.metadata.get("model_version") or (
         f"{checkpoint.architecture}-{checkpoint.weights_sha256[:12]}"
     )
+    try:
+        check_lesion_threshold(checkpoint.metadata.get("lesion_threshold"))
+    except ValueError as error:
+        raise ModelError(f"{checkpoint_path}: {error}") from error
+    threshold = checkpoint.metadata.get("lesion_threshold")
     logger.info(
-        "loaded model %s (%s) from %s on %s",
+        "loaded model %s (%s) from %s on %s, lesion decision %s",
         version, checkpoint.architecture, checkpoint_path, resolved_device,
+        "argmax" if threshold is None else f"CAC probability > {threshold:g}",
     )
     return LoadedModel(
         network=network,
@@ -333,17 +346,14 @@ def _onnx_session(loaded: LoadedModel) -> Any:
     return _ONNX_SESSIONS[key]
 
 
-def _predict_onnx(session: Any, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from scoring.model import combine_multiclass, combine_tasks
+def _predict_onnx(
+    session: Any, lesion_threshold: float | None, inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from scoring.model import combine_outputs
 
     outputs = [torch.from_numpy(array) for array in session.run(None, {"input": inputs.numpy()})]
-    candidate = inputs[:, 1] > 0.5
-    if len(outputs) == 2:
-        return combine_tasks(outputs[0], outputs[1], candidate), outputs[0].argmax(dim=1).to(
-            torch.uint8
-        )
-    labels = combine_multiclass(outputs[0], candidate)
-    return labels, labels.clone()
+    output = tuple(outputs) if len(outputs) == 2 else outputs[0]
+    return combine_outputs(output, inputs[:, 1] > 0.5, lesion_threshold)
 
 
 def segment_volume(
@@ -384,11 +394,12 @@ def segment_volume(
 
     started = time.perf_counter()
     if session is not None:
-        predict = functools.partial(_predict_onnx, session)
+        predict = functools.partial(_predict_onnx, session, loaded.lesion_threshold)
     else:
         predict = functools.partial(
             _predict_torch, loaded.network, loaded.device,
             torch.channels_last if channels_last else torch.contiguous_format,
+            loaded.lesion_threshold,
         )
     labels, regions = predict_array(hu, window, predict, batch_size)
     logger.info(
@@ -402,31 +413,36 @@ def segment_volume(
 def predict_array(
     hu: np.ndarray,
     window: tuple[int, int, int, int],
-    predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    predict: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """Run `predict` over the slices of `hu` inside `window`, `batch_size` slices at a time.
 
-    predict: network inputs (N, 2, rows, columns) → (labels, regions), each (N, rows, columns).
-    Returns uint8 (labels, regions) of the shape of `hu`; pixels outside the window are 0.
-    Training validation and `segment_volume` share it, so both see slices the same way.
+    predict: network inputs (N, 2, rows, columns) → per-pixel maps, each (N, rows, columns),
+        such as (labels, regions).
+    Returns one array per map, of the shape of `hu` and the map's dtype; pixels
+    outside the window are 0. Training validation, calibration and
+    `segment_volume` share it, so all of them see slices the same way.
     """
-    labels = np.zeros(hu.shape, dtype=np.uint8)
-    regions = np.zeros(hu.shape, dtype=np.uint8)
+    maps: list[np.ndarray] = []
     with torch.inference_mode():
         for first in range(0, hu.shape[0], batch_size):
             chunk = extract_window(hu[first:first + batch_size], window)
-            batch_labels, batch_regions = predict(prepare_input(chunk))
-            _paste_window(labels, batch_labels.cpu().numpy(), window, first)
-            _paste_window(regions, batch_regions.cpu().numpy(), window, first)
-    return labels, regions
+            batch_maps = [array.cpu().numpy() for array in predict(prepare_input(chunk))]
+            if not maps:
+                maps = [np.zeros(hu.shape, dtype=array.dtype) for array in batch_maps]
+            for target, values in zip(maps, batch_maps):
+                _paste_window(target, values, window, first)
+    return tuple(maps)
 
 
 def _predict_torch(
     network: nn.Module, device: torch.device, memory_format: torch.memory_format,
-    inputs: torch.Tensor,
+    lesion_threshold: float | None, inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return predict_labels(network, inputs.to(device).contiguous(memory_format=memory_format))
+    return predict_labels(
+        network, inputs.to(device).contiguous(memory_format=memory_format), lesion_threshold
+    )
 
 
 def _full_window(hu: np.ndarray) -> tuple[int, int, int, int]:

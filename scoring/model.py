@@ -354,6 +354,7 @@ def combine_tasks(
     region_logits: torch.Tensor,
     lesion_logits: torch.Tensor,
     candidate: torch.Tensor,
+    lesion_threshold: float | None = None,
 ) -> torch.Tensor:
     """Turn T_R and T_L outputs into CAC labels (0 background, 1 LAD, 2 LCX, 3 RCA).
 
@@ -362,39 +363,83 @@ def combine_tasks(
     it is OTHER_CAR.
 
     region_logits: (N, 4, H, W); lesion_logits: (N, 2, H, W); candidate: (N, H, W) bool.
+    lesion_threshold: None for the argmax rule; else a pixel is a lesion where
+        the T_L probability of CAC exceeds this value (see `check_lesion_threshold`).
     Returns uint8 labels of shape (N, H, W).
     """
     region = region_logits.argmax(dim=1)
-    lesion = (lesion_logits.argmax(dim=1) == 1) & candidate.bool()
+    lesion = _is_calcium(lesion_logits, lesion_threshold) & candidate.bool()
     labels = torch.where(lesion, region, torch.zeros_like(region))
     return labels.to(torch.uint8)
 
 
-def combine_multiclass(logits: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+def check_lesion_threshold(threshold: float | None) -> float | None:
+    """Validate a lesion threshold: None, or a probability strictly between 0 and 1.
+
+    With the focal loss and the 0.01 weight of OTHER_CAC, the loss is lowest
+    at a CAC probability above 0.5 only for pixels whose chance of being
+    calcium is at least about 1 %, so the argmax of a network that is not
+    fully trained calls many uncertain pixels calcium. A threshold above 0.5,
+    chosen on validation series (`cacs-node calibrate`), moves that decision.
+    """
+    if threshold is None:
+        return None
+    threshold = float(threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"lesion threshold must lie strictly between 0 and 1, got {threshold}")
+    return threshold
+
+
+def _is_calcium(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Calcium where the argmax is not class 0, or where 1 − P(class 0) exceeds `threshold`."""
+    if threshold is None:
+        return logits.argmax(dim=1) != 0
+    return 1.0 - torch.softmax(logits.float(), dim=1)[:, 0] > threshold
+
+
+def combine_multiclass(
+    logits: torch.Tensor, candidate: torch.Tensor, lesion_threshold: float | None = None
+) -> torch.Tensor:
     """CAC labels from the single-task model: argmax of the 4 classes inside the candidate mask.
 
     logits: (N, 4, H, W) over OTHER_CAC, LAD, LCX, RCA; candidate: (N, H, W).
+    lesion_threshold: None for the argmax rule; else a pixel is calcium where
+        the summed artery probability exceeds it, labelled with its likeliest artery.
     Returns uint8 labels (N, H, W); OTHER_CAC becomes 0.
     """
-    labels = logits.argmax(dim=1)
+    if lesion_threshold is None:
+        labels = logits.argmax(dim=1)
+    else:
+        artery = logits[:, 1:].argmax(dim=1) + 1
+        labels = torch.where(
+            _is_calcium(logits, lesion_threshold), artery, torch.zeros_like(artery)
+        )
     labels = torch.where(candidate.bool(), labels, torch.full_like(labels, BACKGROUND))
     return labels.to(torch.uint8)
 
 
 def predict_labels(
-    network: nn.Module, inputs: torch.Tensor
+    network: nn.Module, inputs: torch.Tensor, lesion_threshold: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run any of the three architectures and return (CAC labels, region classes), both uint8.
 
     inputs: (N, 2, H, W) from `prepare_input`. For the single-task model,
     which has no region task, the region output is the predicted artery inside
-    the candidate mask and 0 (OTHER_CAR) elsewhere.
+    the candidate mask and 0 (OTHER_CAR) elsewhere. lesion_threshold: as in
+    `combine_tasks`; None for the argmax rule.
     """
-    candidate = inputs[:, 1] > 0.5
-    output = network(inputs)
+    return combine_outputs(network(inputs), inputs[:, 1] > 0.5, lesion_threshold)
+
+
+def combine_outputs(
+    output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    candidate: torch.Tensor,
+    lesion_threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CAC labels, region classes) from a network output: a (T_R, T_L) pair or multiclass logits."""
     if isinstance(output, tuple):
         region_logits, lesion_logits = output
-        labels = combine_tasks(region_logits, lesion_logits, candidate)
+        labels = combine_tasks(region_logits, lesion_logits, candidate, lesion_threshold)
         return labels, region_logits.argmax(dim=1).to(torch.uint8)
-    labels = combine_multiclass(output, candidate)
+    labels = combine_multiclass(output, candidate, lesion_threshold)
     return labels, labels.clone()

@@ -138,6 +138,9 @@ class TrainingConfig:
         of the weights and batch-norm statistics, updated after every step.
         Validation, best.pt and exports then use the average. With decay d it
         spans about 1 / (1 − d) steps, so one noisy step moves it little.
+    time_limit_minutes: None (default) for no limit. Otherwise the run
+        validates and stops after the first epoch that ends later than this
+        many minutes after the run started, for a training window of fixed length.
     seed: seed of weights, sampling and dropout.
     threads: torch CPU threads, None to keep torch's default.
     device: "auto", "cpu" or a torch device such as "cuda:0".
@@ -166,6 +169,7 @@ class TrainingConfig:
     precision: str = "fp32"
     snapshot_epochs: tuple[int, ...] = ()
     ema_decay: float = 0.0
+    time_limit_minutes: float | None = None
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -205,6 +209,8 @@ class TrainingConfig:
             raise ValueError(
                 f"snapshot epochs {outside} lie outside the epochs of this run (1 to {self.epochs})"
             )
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise ValueError(f"time limit must be positive, got {self.time_limit_minutes} minutes")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
         if self.precision not in PRECISIONS:
@@ -891,6 +897,7 @@ def train(
 
     epoch = start_epoch
     stop = False
+    run_started = time.monotonic()
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         wrapped.train()
@@ -917,7 +924,14 @@ def train(
 
         improved = False
         record: dict[str, float] = {}
-        validating = epoch % config.validation_every == 0 or epoch == config.epochs
+        out_of_time = _broadcast_flag(
+            config.time_limit_minutes is not None
+            and time.monotonic() - run_started >= 60 * config.time_limit_minutes,
+            distributed, device,
+        )
+        validating = (
+            epoch % config.validation_every == 0 or epoch == config.epochs or out_of_time
+        )
         if distributed.is_main:
             if not validating:
                 validation_metrics = dict.fromkeys(("micro_f1_cac", "binary_f1", "micro_f1_car"),
@@ -985,6 +999,13 @@ def train(
                 logger.info(
                     "early stop after epoch %d: no better validation micro-F1 for %d validations "
                     "(best %.3f at epoch %d)", epoch, config.patience, best_f1, best_epoch,
+                )
+            elif out_of_time:
+                stop = True
+                logger.info(
+                    "stopped after epoch %d: the time limit of %g minutes is reached "
+                    "(best validation micro-F1 %.3f at epoch %d)",
+                    epoch, config.time_limit_minutes, best_f1, best_epoch,
                 )
         if _broadcast_flag(stop, distributed, device):
             break

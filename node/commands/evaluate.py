@@ -56,6 +56,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
 
 
+def load_cases(seeds: list[int] | None, phantom_slices: int | None, data: Path | None) -> list:
+    """Phantom series for `seeds` followed by the annotated series under `data`.
+
+    Raises FileNotFoundError, SeriesError or LabelError for unreadable data.
+    """
+    from scoring import evaluation
+
+    cases = []
+    if seeds:
+        options = {} if phantom_slices is None else {"slices": phantom_slices}
+        cases += evaluation.phantom_evaluation_cases(seeds, **options)
+    if data is not None:
+        cases += evaluation.folder_evaluation_cases(data)
+    return cases
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,12 +87,7 @@ def run(args: argparse.Namespace) -> int:
         seeds = list(range(2000, 2020))
 
     try:
-        cases = []
-        if seeds:
-            options = {} if args.phantom_slices is None else {"slices": args.phantom_slices}
-            cases += evaluation.phantom_evaluation_cases(seeds, **options)
-        if args.data is not None:
-            cases += evaluation.folder_evaluation_cases(args.data)
+        cases = load_cases(seeds, args.phantom_slices, args.data)
     except (FileNotFoundError, SeriesError, LabelError) as error:
         print(f"cacs-node evaluate: {error}", file=sys.stderr)
         return 2

@@ -102,6 +102,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--ema-decay", type=float, default=0.0,
                      help="keep a moving average of the weights with this decay per step, "
                           "e.g. 0.999, and validate and save the average (default 0: off)")
+    run.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                     help="validate and stop after the first epoch that ends this many minutes "
+                          "after the start (default: no limit)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice)")
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             precision=args.precision,
             snapshot_epochs=tuple(args.snapshot_epochs),
             ema_decay=args.ema_decay,
+            time_limit_minutes=args.time_limit,
             seed=args.seed,
             threads=args.threads,
             device=args.device,

@@ -291,3 +291,39 @@ def test_resolve_runtime_auto_without_onnxruntime(
     loaded = inference.load_model(random_model_path, device="cpu")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert inference.resolve_runtime(loaded, "auto") == "torch"
+
+
+def _with_metadata(source: Path, destination: Path, **metadata) -> Path:
+    saved = checkpoint.load_checkpoint(source)
+    checkpoint.save_checkpoint(
+        destination,
+        checkpoint.Checkpoint(saved.architecture, saved.state_dict, {**saved.metadata, **metadata}),
+    )
+    return destination
+
+
+def test_segment_volume_applies_lesion_threshold_of_model(tmp_path: Path, random_model_path: Path):
+    hu = _small_chest(2)
+    hu[:, 100:140, 100:140] = 400.0
+    volume = _volume(hu)
+    argmax_model = inference.load_model(random_model_path, device="cpu")
+    assert argmax_model.lesion_threshold is None
+    low_path = _with_metadata(random_model_path, tmp_path / "low.pt", lesion_threshold=0.3)
+    low_model = inference.load_model(low_path, device="cpu")
+    assert low_model.lesion_threshold == 0.3
+
+    # Measured with torch 2.13: the random network gives each of the 2 × 1,600
+    # candidate pixels of the block a CAC probability between 0.3 and 0.5, and LAD
+    # as region. So the argmax rule finds no calcium, and the threshold 0.3 finds all of it.
+    argmax_labels = inference.segment_volume(volume, argmax_model).labels
+    low_torch = inference.segment_volume(volume, low_model).labels
+    low_onnx = inference.segment_volume(volume, low_model, runtime="onnx").labels
+    assert int((argmax_labels > 0).sum()) == 0
+    assert int((low_torch == 1).sum()) == 2 * 40 * 40
+    np.testing.assert_array_equal(low_torch, low_onnx)
+
+
+def test_load_model_invalid_lesion_threshold_raises(tmp_path: Path, random_model_path: Path):
+    path = _with_metadata(random_model_path, tmp_path / "bad.pt", lesion_threshold=1.5)
+    with pytest.raises(inference.ModelError, match="lesion threshold must lie strictly between"):
+        inference.load_model(path, device="cpu")

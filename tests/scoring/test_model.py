@@ -139,3 +139,34 @@ def test_predict_labels_multitask_returns_labels_and_regions():
     # Labels can only be set inside the candidate mask (HU >= 130), here 100 pixels.
     assert int((labels > 0).sum()) <= 100
     assert int((labels[0, :100] > 0).sum()) == 0
+
+
+def _lesion_logits(probabilities: list[list[float]]) -> torch.Tensor:
+    """Two-class logits (1, 2, H, W) whose softmax gives CAC these probabilities."""
+    cac = torch.tensor(probabilities)
+    return torch.stack([torch.zeros_like(cac), torch.log(cac / (1.0 - cac))])[None]
+
+
+def test_combine_tasks_lesion_threshold_moves_decision():
+    region = _one_hot_logits([[1, 2, 3]], 4)
+    lesion = _lesion_logits([[0.45, 0.6, 0.8]])
+    candidate = torch.ones(1, 1, 3, dtype=torch.bool)
+    assert model.combine_tasks(region, lesion, candidate)[0].tolist() == [[0, 2, 3]]
+    assert model.combine_tasks(region, lesion, candidate, 0.7)[0].tolist() == [[0, 0, 3]]
+    assert model.combine_tasks(region, lesion, candidate, 0.3)[0].tolist() == [[1, 2, 3]]
+
+
+def test_combine_multiclass_threshold_uses_summed_artery_probability():
+    # P(OTHER_CAC, LAD, LCX, RCA) = (0.4, 0.1, 0.35, 0.15): argmax is OTHER_CAC, but
+    # the arteries together have 0.6, so a threshold of 0.5 calls it LCX calcium.
+    logits = torch.log(torch.tensor([0.4, 0.1, 0.35, 0.15]))[None, :, None, None]
+    candidate = torch.ones(1, 1, 1, dtype=torch.bool)
+    assert model.combine_multiclass(logits, candidate)[0].tolist() == [[0]]
+    assert model.combine_multiclass(logits, candidate, 0.5)[0].tolist() == [[2]]
+    assert model.combine_multiclass(logits, candidate, 0.65)[0].tolist() == [[0]]
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.2, 1.5])
+def test_check_lesion_threshold_outside_open_interval_raises(threshold: float):
+    with pytest.raises(ValueError, match="lesion threshold must lie strictly between 0 and 1"):
+        model.check_lesion_threshold(threshold)

@@ -465,3 +465,24 @@ def test_train_command_learning_rate_applies_to_continue_mode(tmp_path: Path):
     assert main(arguments) == 0
     history = checkpoint.load_checkpoint(tmp_path / "second" / "last.pt").training_state["history"]
     assert history[0]["learning_rate"] == pytest.approx(3e-4)
+
+
+def test_train_time_limit_stops_and_validates(tmp_path: Path, caplog):
+    cases = [_synthetic_case()]
+    # A limit this short ends the run after its first epoch, which is then validated
+    # although validation_every would skip it.
+    config = training.TrainingConfig(
+        epochs=5, steps_per_epoch=1, batch_size=2, validation_crops=1, validation_every=3,
+        time_limit_minutes=1e-6,
+    )
+    with caplog.at_level("INFO", logger="scoring.training"):
+        outcome = training.train(config, cases, cases, tmp_path, progress=False)
+    assert outcome.epochs_run == 1
+    assert not np.isnan(outcome.history[0]["micro_f1_cac"])
+    assert outcome.best_epoch == 1
+    assert "stopped after epoch 1: the time limit of 1e-06 minutes is reached" in caplog.text
+
+
+def test_training_config_zero_time_limit_raises():
+    with pytest.raises(ValueError, match="time limit must be positive, got 0 minutes"):
+        training.TrainingConfig(time_limit_minutes=0)

@@ -1,0 +1,141 @@
+"""Tests of the lesion-threshold calibration and the calibrate command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scoring import checkpoint, evaluation, inference, model
+from tests.scoring.test_inference import _small_chest, _volume
+
+
+class _HuRule(torch.nn.Module):
+    """Region LAD everywhere; CAC logit (HU − 500) / 100, so P(CAC) > 0.5 above 500 HU."""
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hu = inputs[:, 0] * 3300.0 - 2000.0
+        region = torch.zeros(inputs.shape[0], 4, *inputs.shape[2:])
+        region[:, 1] = 1.0
+        lesion = torch.stack([torch.zeros_like(hu), (hu - 500.0) / 100.0], dim=1)
+        return region, lesion
+
+
+def _calibration_case() -> evaluation.EvaluationCase:
+    """A LAD lesion at 700 HU (P(CAC) 0.88), bone at 550 HU (0.62) and at 300 HU (0.12)."""
+    hu = _small_chest(1)
+    hu[hu > 130] = 40.0
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    hu[0, 100:104, 100:104] = 700.0
+    labels[0, 100:104, 100:104] = 1
+    hu[0, 150:155, 100:105] = 550.0
+    hu[0, 150:155, 150:155] = 300.0
+    return evaluation.EvaluationCase("calibration", _volume(hu), labels)
+
+
+def _hu_rule_model() -> inference.LoadedModel:
+    return inference.LoadedModel(_HuRule(), "mtl", "hu-rule", torch.device("cpu"))
+
+
+def test_lesion_threshold_sweep_counts_each_decision():
+    results = evaluation.lesion_threshold_sweep(
+        _hu_rule_model(), [_calibration_case()], [0.6, 0.7, 0.9]
+    )
+    table = [
+        (result.threshold, result.counts.true_positives, result.counts.false_positives,
+         result.counts.false_negatives)
+        for result in results
+    ]
+    # 16 lesion pixels; the 25 bone pixels at 550 HU pass the argmax rule and 0.6.
+    assert table == [(None, 16, 25, 0), (0.6, 16, 25, 0), (0.7, 16, 0, 0), (0.9, 0, 0, 16)]
+    assert evaluation.best_threshold(results).threshold == 0.7
+
+
+def test_lesion_threshold_sweep_invalid_threshold_raises():
+    with pytest.raises(ValueError, match="lesion threshold must lie strictly between 0 and 1"):
+        evaluation.lesion_threshold_sweep(_hu_rule_model(), [_calibration_case()], [0.5, 1.0])
+
+
+def _saved_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    network = model.MultiTaskUNet()
+    checkpoint.save_checkpoint(
+        path, checkpoint.Checkpoint("mtl", network.state_dict(), {"model_name": "mtl-test"})
+    )
+    return path
+
+
+def test_write_calibrated_model_sets_threshold_and_version(tmp_path: Path):
+    source = _saved_model(tmp_path / "model.pt")
+    results = evaluation.lesion_threshold_sweep(
+        _hu_rule_model(), [_calibration_case()], [0.6, 0.7]
+    )
+    chosen = evaluation.best_threshold(results)
+    version = evaluation.write_calibrated_model(
+        source, tmp_path / "calibrated.pt", chosen, results, ["calibration"]
+    )
+    weights_hash = checkpoint.load_checkpoint(source).weights_sha256
+    assert version == f"mtl-test-{weights_hash[:12]}-t0.7"
+
+    loaded = inference.load_model(tmp_path / "calibrated.pt", device="cpu")
+    assert loaded.lesion_threshold == 0.7
+    assert loaded.model_version == version
+    calibration = loaded.metadata["lesion_threshold_calibration"]
+    assert calibration["series"] == ["calibration"]
+    assert [row["threshold"] for row in calibration["results"]] == [None, 0.6, 0.7]
+    assert calibration["results"][2]["false_positives"] == 0
+
+
+def test_write_calibrated_model_argmax_choice_drops_threshold(tmp_path: Path):
+    source = _saved_model(tmp_path / "model.pt")
+    argmax = evaluation.ThresholdResult(None, evaluation.metrics.DetectionCounts(5, 0, 0))
+    earlier = evaluation.ThresholdResult(0.8, evaluation.metrics.DetectionCounts(4, 0, 1))
+    evaluation.write_calibrated_model(source, tmp_path / "first.pt", earlier, [earlier], ["a"])
+    version = evaluation.write_calibrated_model(
+        tmp_path / "first.pt", tmp_path / "second.pt", argmax, [argmax, earlier], ["a"]
+    )
+    loaded = inference.load_model(tmp_path / "second.pt", device="cpu")
+    assert loaded.lesion_threshold is None
+    assert not version.endswith("-t0.8")
+
+
+def test_parse_thresholds_range_and_list():
+    import argparse
+
+    from node.commands.calibrate import parse_thresholds
+
+    assert parse_thresholds("0.6:0.7:0.05") == [0.6, 0.65, 0.7]
+    assert parse_thresholds("0.55,0.8") == [0.55, 0.8]
+    with pytest.raises(argparse.ArgumentTypeError, match="each must lie strictly between 0 and 1"):
+        parse_thresholds("0.5,1")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected START:STOP:STEP"):
+        parse_thresholds("0.5:0.9")
+
+
+def test_calibrate_command_writes_calibrated_copy(tmp_path: Path, capsys):
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    status = main([
+        "calibrate", str(source), str(tmp_path / "calibrated.pt"), "--phantom-seeds", "1000",
+        "--phantom-slices", "2", "--thresholds", "0.6,0.9", "--device", "cpu", "--threads", "1",
+    ])
+    output = capsys.readouterr().out
+    assert status == 0
+    assert "| argmax" in output
+    assert "| P(CAC) > 0.9" in output
+    assert "(chosen)" in output
+    assert f"wrote {tmp_path / 'calibrated.pt'}" in output
+    saved = checkpoint.load_checkpoint(tmp_path / "calibrated.pt")
+    assert saved.training_state is None
+    assert saved.metadata["lesion_threshold_calibration"]["series"] == ["phantom-1000"]
+
+
+def test_calibrate_command_output_same_as_model_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    assert main(["calibrate", str(source), str(source), "--phantom-seeds", "1000"]) == 2
+    assert "is the model itself; give a new path" in capsys.readouterr().err
