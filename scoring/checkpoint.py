@@ -79,6 +79,18 @@ def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def model_version(
+    model_name: str, state_dict: dict[str, torch.Tensor], lesion_threshold: float | None = None
+) -> str:
+    """Name a model "<name>-<first 12 hex digits of the weights' hash>[-t<threshold>]".
+
+    The threshold suffix distinguishes models with the same weights but
+    different lesion decisions. The argmax rule has no suffix.
+    """
+    version = f"{model_name}-{hash_state_dict(state_dict)[:12]}"
+    return version if lesion_threshold is None else f"{version}-t{lesion_threshold:g}"
+
+
 @dataclass
 class Checkpoint:
     """The content of one checkpoint file."""
@@ -141,8 +153,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        # torch's messages go on with advice for other programs; their first
+        # sentence names the failure.
+        text = str(error).strip()
+        reason = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(error).__name__
         raise CheckpointError(
-            f"model checkpoint {path} cannot be read ({error}); the file is damaged or is "
+            f"model checkpoint {path} cannot be read ({reason}); the file is damaged or is "
             "not a cacs-node checkpoint"
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

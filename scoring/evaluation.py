@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +161,29 @@ def lesion_threshold_sweep(
     """Count multiclass CAC TP, FP and FN of `loaded_model` for the argmax rule and each threshold.
 
     loaded_model: a `scoring.inference.LoadedModel`, run in torch on its device.
-    The network runs once per series, on the body window as in
-    `segment_volume`. The first result is the argmax rule; the others follow
-    `thresholds` in order.
+    See `sweep_thresholds` for the results.
+    """
+    series = [(np.asarray(case.volume.hu), case.labels) for case in cases]
+    return sweep_thresholds(
+        loaded_model.network, loaded_model.device, series, thresholds, batch_size=batch_size
+    )
+
+
+def sweep_thresholds(
+    network,
+    device,
+    series: Iterable[tuple[np.ndarray, np.ndarray]],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    *,
+    batch_size: int = 4,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> list[ThresholdResult]:
+    """Count multiclass CAC TP, FP and FN of a network for the argmax rule and each threshold.
+
+    series: (HU volume, reference CAC labels) pairs. The network runs once per
+    series in eval mode, on the body window as in `segment_volume`, under the
+    context manager that `autocast` returns. The first result is the argmax
+    rule; the others follow `thresholds` in order.
     """
     import torch
 
@@ -171,29 +192,33 @@ def lesion_threshold_sweep(
 
     for threshold in thresholds:
         check_lesion_threshold(threshold)
-    network, device = loaded_model.network, loaded_model.device
 
     def predict(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = inputs.to(device)
         candidate = inputs[:, 1] > 0.5
-        output = network(inputs.to(device).contiguous(memory_format=torch.channels_last))
-        argmax_labels, _ = combine_outputs(output, candidate.to(device))
+        with autocast():
+            output = network(inputs.contiguous(memory_format=torch.channels_last))
+        argmax_labels, _ = combine_outputs(output, candidate)
         # Labels with every candidate called calcium, and the probability that decides it.
-        every_labels, _ = combine_outputs(output, candidate.to(device), lesion_threshold=1e-12)
+        every_labels, _ = combine_outputs(output, candidate, lesion_threshold=1e-12)
         logits = output[1] if isinstance(output, tuple) else output
         probability = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
-        return argmax_labels, every_labels, torch.where(candidate.to(device), probability, 0.0)
+        return argmax_labels, every_labels, torch.where(candidate, probability, 0.0)
 
+    was_training = network.training
+    network.eval()
     totals = [metrics.DetectionCounts(0, 0, 0) for _ in range(len(thresholds) + 1)]
-    for case in cases:
-        hu = np.asarray(case.volume.hu)
-        argmax_labels, every_labels, probability = predict_array(
-            hu, body_window(hu), predict, batch_size
-        )
-        totals[0] += metrics.multiclass_counts(argmax_labels, case.labels)
-        for index, threshold in enumerate(thresholds, start=1):
-            labels = np.where(probability > threshold, every_labels, 0)
-            totals[index] += metrics.multiclass_counts(labels, case.labels)
-        logger.info("calibration: segmented %s", case.name)
+    try:
+        for hu, labels in series:
+            argmax_labels, every_labels, probability = predict_array(
+                hu, body_window(hu), predict, batch_size
+            )
+            totals[0] += metrics.multiclass_counts(argmax_labels, labels)
+            for index, threshold in enumerate(thresholds, start=1):
+                decided = np.where(probability > threshold, every_labels, 0)
+                totals[index] += metrics.multiclass_counts(decided, labels)
+    finally:
+        network.train(was_training)
     return [
         ThresholdResult(threshold, counts)
         for threshold, counts in zip((None, *thresholds), totals)
@@ -201,12 +226,18 @@ def lesion_threshold_sweep(
 
 
 def best_threshold(results: Sequence[ThresholdResult]) -> ThresholdResult:
-    """Pick the result with the highest multiclass micro-F1; the earliest one wins a tie."""
-    def f1(result: ThresholdResult) -> float:
-        value = result.counts.f1
-        return -1.0 if value != value else value
+    """Pick the result with the highest multiclass micro-F1.
 
-    return max(results, key=f1)
+    Among equal F1 values the one with the fewest errors (FP + FN) wins. So
+    where every decision misses all calcium, fewer false positives still
+    count. After that, the earliest result wins.
+    """
+    def key(result: ThresholdResult) -> tuple[float, int]:
+        value = result.counts.f1
+        errors = result.counts.false_positives + result.counts.false_negatives
+        return (-1.0 if value != value else value, -errors)
+
+    return max(results, key=key)
 
 
 def write_calibrated_model(
@@ -224,11 +255,10 @@ def write_calibrated_model(
 
     checkpoint = checkpoint_module.load_checkpoint(source)
     metadata = dict(checkpoint.metadata)
-    base = (
-        f"{metadata.get('model_name', checkpoint.architecture)}-"
-        f"{checkpoint_module.hash_state_dict(checkpoint.state_dict)[:12]}"
+    version = checkpoint_module.model_version(
+        metadata.get("model_name", checkpoint.architecture), checkpoint.state_dict,
+        chosen.threshold,
     )
-    version = base if chosen.threshold is None else f"{base}-t{chosen.threshold:g}"
     metadata.pop("lesion_threshold", None)
     if chosen.threshold is not None:
         metadata["lesion_threshold"] = chosen.threshold

@@ -73,12 +73,13 @@ class DetectionCounts:
             self.false_negatives + other.false_negatives,
         )
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
+        """Counts and ratios; a ratio with a zero denominator becomes None (JSON null)."""
         return {
             **asdict(self),
-            "ppv": self.ppv,
-            "sensitivity": self.sensitivity,
-            "f1": self.f1,
+            "ppv": _json_float(self.ppv),
+            "sensitivity": _json_float(self.sensitivity),
+            "f1": _json_float(self.f1),
         }
 
 
@@ -378,17 +379,19 @@ def format_detection_table(reports: Sequence[EvaluationReport]) -> str:
     Columns: volume-level PPV, sensitivity, F1; lesion-level PPV, sensitivity,
     F1; micro-F1 of CAR; micro-F1 of the multiclass CAC.
     """
+    width = max([18, *(len(report.model) for report in reports)])
     header = (
-        f"{'Model':<18} | {'Volume level':^23} | {'Lesion level':^23} | {'F1 CAR':>7} | "
+        f"{'Model':<{width}} | {'Volume level':^23} | {'Lesion level':^23} | {'F1 CAR':>7} | "
         f"{'F1 CAC':>7}\n"
-        f"{'':<18} | {'PPV':>7}{'Sens':>8}{'F1':>8} | {'PPV':>7}{'Sens':>8}{'F1':>8} | "
+        f"{'':<{width}} | {'PPV':>7}{'Sens':>8}{'F1':>8} | {'PPV':>7}{'Sens':>8}{'F1':>8} | "
         f"{'micro':>7} | {'micro':>7}"
     )
     lines = [header, "-" * len(header.splitlines()[0])]
     for report in reports:
         car_f1 = None if report.car is None else report.car.f1
         lines.append(
-            f"{report.model:<18} | {_cell(report.voxel.ppv):>7}{_cell(report.voxel.sensitivity):>8}"
+            f"{report.model:<{width}} | {_cell(report.voxel.ppv):>7}"
+            f"{_cell(report.voxel.sensitivity):>8}"
             f"{_cell(report.voxel.f1):>8} | {_cell(report.lesion.ppv):>7}"
             f"{_cell(report.lesion.sensitivity):>8}{_cell(report.lesion.f1):>8} | "
             f"{_cell(car_f1):>7} | {_cell(report.multiclass.f1):>7}"

@@ -128,6 +128,12 @@ class TrainingConfig:
     validation_every: epochs between validations (default 1); early stopping
         counts validations, not epochs.
     validation_crops: number of fixed validation crops (default 32).
+    selection: how validation decides which pixels are lesions when it scores
+        an epoch. "argmax" (default) is the paper's rule. "calibrated" tries
+        the lesion thresholds of `cacs-node calibrate` on the validation
+        series and scores the epoch by the best one. The checkpoints then
+        carry that threshold, chosen at the latest validation. It needs
+        validation="volumes".
     precision: "fp32", or "bf16" to run forward passes and losses under
         bfloat16 autocast. A step of 8 crops of 256² took 1.05 s instead of
         1.9 s on 2 AVX512-BF16 cores. Weights and optimiser state stay float32.
@@ -140,7 +146,7 @@ class TrainingConfig:
         spans about 1 / (1 − d) steps, so one noisy step moves it little.
     time_limit_minutes: None (default) for no limit. Otherwise the run
         validates and stops after the first epoch that ends later than this
-        many minutes after the run started, for a training window of fixed length.
+        many minutes after the first epoch began, for a training window of fixed length.
     seed: seed of weights, sampling and dropout.
     threads: torch CPU threads, None to keep torch's default.
     device: "auto", "cpu" or a torch device such as "cuda:0".
@@ -166,6 +172,7 @@ class TrainingConfig:
     validation: str = "crops"
     validation_every: int = 1
     validation_crops: int = 32
+    selection: str = "argmax"
     precision: str = "fp32"
     snapshot_epochs: tuple[int, ...] = ()
     ema_decay: float = 0.0
@@ -204,6 +211,12 @@ class TrainingConfig:
             raise ValueError(
                 f"unknown validation {self.validation!r}; expected 'crops' or 'volumes'"
             )
+        if self.selection not in ("argmax", "calibrated"):
+            raise ValueError(
+                f"unknown selection {self.selection!r}; expected 'argmax' or 'calibrated'"
+            )
+        if self.selection == "calibrated" and self.validation != "volumes":
+            raise ValueError("calibrated selection needs validation on volumes (--validation volumes)")
         outside = [epoch for epoch in self.snapshot_epochs if not 1 <= epoch <= self.epochs]
         if outside:
             raise ValueError(
@@ -686,6 +699,30 @@ def evaluate_volumes(
     return _validation_metrics(network, predicted, truth, region_predicted, region_truth)
 
 
+def _calibrated_metrics(
+    network: nn.Module,
+    cases: Sequence[TrainingCase],
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
+    """Multiclass CAC micro-F1 at the best lesion threshold, with that threshold (NaN: argmax).
+
+    micro_f1_cac_argmax keeps the argmax rule's micro-F1 for the log.
+    """
+    from scoring import evaluation
+
+    results = evaluation.sweep_thresholds(
+        network, device, [(case.hu, case.labels) for case in cases],
+        autocast=lambda: autocast(device, precision),
+    )
+    chosen = evaluation.best_threshold(results)
+    return {
+        "micro_f1_cac_argmax": results[0].counts.f1,
+        "micro_f1_cac": chosen.counts.f1,
+        "lesion_threshold": math.nan if chosen.threshold is None else chosen.threshold,
+    }
+
+
 def _validation_metrics(
     network: nn.Module,
     predicted: Sequence[np.ndarray],
@@ -835,6 +872,13 @@ def train(
             )
         module.network.load_state_dict(source.state_dict)
         training_state = source.training_state
+        resumed_decay = float(training_state.get("config", {}).get("ema_decay", 0.0))
+        if resumed_decay != config.ema_decay:
+            raise ValueError(
+                f"{resume} was trained with EMA decay {resumed_decay:g}, not "
+                f"{config.ema_decay:g}; resume with --ema-decay {resumed_decay:g}, or start a "
+                "new run from its weights with --continue-from"
+            )
         if module.weighting is not None and training_state.get("weighting"):
             module.weighting.load_state_dict(training_state["weighting"])
         learning_rate = float(training_state["initial_learning_rate"])
@@ -898,6 +942,8 @@ def train(
     epoch = start_epoch
     stop = False
     run_started = time.monotonic()
+    # Lesion threshold of the latest calibrated validation; NaN for the argmax rule.
+    lesion_threshold = math.nan
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         wrapped.train()
@@ -940,6 +986,11 @@ def train(
                 validation_metrics = evaluate_volumes(
                     evaluated, validation_cases, device, config.precision
                 )
+                if config.selection == "calibrated":
+                    validation_metrics.update(
+                        _calibrated_metrics(evaluated, validation_cases, device, config.precision)
+                    )
+                    lesion_threshold = validation_metrics["lesion_threshold"]
             else:
                 validation_metrics = evaluate_batches(
                     evaluated, validation, device, config.precision
@@ -969,6 +1020,11 @@ def train(
                 "micro-F1 CAR {micro_f1_car:.3f}".format(**validation_metrics)
                 if validating else "no validation this epoch"
             )
+            if validating and "lesion_threshold" in validation_metrics:
+                validation_text += (
+                    " (lesion threshold {lesion_threshold:g}; micro-F1 CAC with the argmax "
+                    "{micro_f1_cac_argmax:.3f})".format(**validation_metrics)
+                )
             logger.info(
                 "epoch %d/%d: loss %.4f (region %.4f, lesion %.4f), sigma_R %.3f, sigma_L %.3f, "
                 "%s, lr %.2e, %.0f s",
@@ -977,6 +1033,8 @@ def train(
                 record["learning_rate"], record["seconds"],
             )
             metadata = _metadata(config, summary, record, best_f1, best_epoch)
+            if not math.isnan(lesion_threshold):
+                metadata["lesion_threshold"] = lesion_threshold
             state = _training_state(
                 module, optimizer, scheduler, epoch, best_f1, best_epoch,
                 epochs_without_improvement, history, generator, learning_rate, config,
@@ -1094,7 +1152,8 @@ def export_model(source: Path, destination: Path, extra_metadata: dict[str, Any]
                  half_precision: bool = False) -> str:
     """Write the weights and metadata of `source` without training state; return the model version.
 
-    The model version is "<model name>-<first 12 hex digits of the weights' SHA-256>".
+    The model version is "<model name>-<first 12 hex digits of the weights' SHA-256>",
+    followed by "-t<threshold>" when the metadata sets a lesion threshold.
     half_precision stores float tensors as float16 (they are cast back to
     float32 on load), which halves the file size.
     """
@@ -1107,8 +1166,10 @@ def export_model(source: Path, destination: Path, extra_metadata: dict[str, Any]
         }
     metadata = dict(checkpoint.metadata)
     metadata.update(extra_metadata or {})
-    version = f"{metadata.get('model_name', checkpoint.architecture)}-" \
-              f"{checkpoint_module.hash_state_dict(state_dict)[:12]}"
+    version = checkpoint_module.model_version(
+        metadata.get("model_name", checkpoint.architecture), state_dict,
+        metadata.get("lesion_threshold"),
+    )
     metadata["model_version"] = version
     metadata["storage_dtype"] = "float16" if half_precision else "float32"
     checkpoint_module.save_checkpoint(

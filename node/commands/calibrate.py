@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from node.commands.evaluate import load_cases, parse_model
-from node.commands.train import parse_seeds
+from node.commands.train import parse_seeds, positive_int
 
 HELP = (
     "choose the CAC probability above which the model calls a pixel calcium, by the "
@@ -16,36 +17,54 @@ HELP = (
 
 
 def parse_thresholds(text: str) -> list[float]:
-    """Parse "START:STOP:STEP" (STOP included) or a comma-separated list of probabilities."""
+    """Parse "START:STOP:STEP" (STOP included when a step lands on it) or a list such as 0.6,0.7."""
     try:
         if ":" in text:
             start, stop, step = (float(part) for part in text.split(":"))
             if step <= 0:
                 raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            values = [round(start + step * index, 6) for index in range(max(count, 0))]
+            if stop < start:
+                raise argparse.ArgumentTypeError(
+                    f"invalid thresholds {text!r}: STOP is below START"
+                )
+            # The small margin keeps STOP when rounding leaves (STOP − START) / STEP just below a whole number.
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = [round(start + step * index, 6) for index in range(count)]
         else:
             values = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid thresholds {text!r}: expected START:STOP:STEP or a list such as 0.6,0.7"
         ) from None
-    if not values or not all(0.0 < value < 1.0 for value in values):
+    if not all(0.0 < value < 1.0 for value in values):
         raise argparse.ArgumentTypeError(
             f"invalid thresholds {text!r}: each must lie strictly between 0 and 1"
         )
     return values
 
 
+def _output_problem(output: Path) -> str | None:
+    """Describe why the calibrated copy cannot be written to `output`, or return None."""
+    if output.is_dir():
+        return f"output {output} is a folder; give the path of the new .pt file"
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"output {output} cannot be created: {parent} is a file, not a folder"
+    return None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=parse_model,
                         help="checkpoint to calibrate: PATH, NAME=PATH or default")
     parser.add_argument("output", type=Path,
-                        help="path of the calibrated copy (weights unchanged, no training state)")
+                        help="path of the calibrated copy (weights unchanged, no training "
+                             "state); missing folders are created")
     parser.add_argument("--phantom-seeds", type=parse_seeds, default=None,
                         help="validation phantom seeds, e.g. 1000-1003 (default 1000-1003 unless "
                              "--data); never the seeds the model is tested on")
-    parser.add_argument("--phantom-slices", type=int, default=None,
+    parser.add_argument("--phantom-slices", type=positive_int, default=None,
                         help="slices per phantom series (default: the phantom's own default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of annotated validation series: case folders holding dicom/ "
@@ -55,19 +74,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default 0.5:0.95:0.01); the argmax rule is always tried too")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="slices per forward pass (default 4)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from scoring import evaluation
     from scoring.checkpoint import CheckpointError
     from scoring.errors import LabelError, SeriesError
     from scoring.inference import ModelError, default_model_path, load_model
+    from scoring.result import LAD, LCX, RCA
+
+    coronary = (LAD, LCX, RCA)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -76,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if args.output.resolve() == Path(source).resolve():
         print(f"cacs-node calibrate: output {args.output} is the model itself; give a new path",
               file=sys.stderr)
+        return 2
+    problem = _output_problem(args.output)
+    if problem is not None:
+        print(f"cacs-node calibrate: {problem}", file=sys.stderr)
         return 2
     seeds = args.phantom_seeds
     if seeds is None and args.data is None:
@@ -86,11 +113,16 @@ def run(args: argparse.Namespace) -> int:
     except ModelError as error:
         print(f"cacs-node calibrate: model {name}: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, SeriesError, LabelError) as error:
+    except (FileNotFoundError, SeriesError, LabelError, ValueError) as error:
         print(f"cacs-node calibrate: {error}", file=sys.stderr)
         return 2
     if not cases:
         print("cacs-node calibrate: no validation series: give --phantom-seeds or --data",
+              file=sys.stderr)
+        return 2
+    if not any(np.isin(case.labels, coronary).any() for case in cases):
+        print("cacs-node calibrate: the validation series contain no coronary calcium, so "
+              "no threshold can be judged; add series with calcium (more seeds or slices)",
               file=sys.stderr)
         return 2
 
@@ -99,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         loaded, cases, thresholds, batch_size=args.batch_size
     )
     chosen = evaluation.best_threshold(results)
-    print(f"Multiclass CAC on {len(cases)} validation series, model {loaded.model_version}")
+    print(f"Multiclass CAC on {len(cases)} validation series, weights of model "
+          f"{loaded.model_version} (any lesion threshold it carries is not used here)")
     print("| Lesion decision | TP | FP | FN | PPV | Sensitivity | Micro-F1 |")
     print("|---|---|---|---|---|---|---|")
     for result in results:
@@ -111,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
               f"{counts.f1:.3f} |")
     try:
         version = evaluation.write_calibrated_model(
-            Path(source), args.output, chosen, results, [case.name for case in cases]
+            Path(source), args.output, chosen, results,
+            [f"{case.name} ({case.labels.shape[0]} slices)" for case in cases],
         )
     except (CheckpointError, OSError) as error:
         print(f"cacs-node calibrate: cannot write {args.output}: {error}", file=sys.stderr)

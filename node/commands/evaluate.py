@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from node.commands.train import parse_seeds
+from node.commands.train import parse_seeds, positive_int
 
 HELP = (
     "evaluate models on held-out phantom seeds or annotated series; prints the detection "
@@ -39,7 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-seeds", type=parse_seeds, default=None,
                         help="held-out phantom seeds, e.g. 2000-2019 (default 2000-2019 unless "
                              "--data)")
-    parser.add_argument("--phantom-slices", type=int, default=None,
+    parser.add_argument("--phantom-slices", type=positive_int, default=None,
                         help="slices per phantom series (default: the phantom's own default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of annotated series: case folders holding dicom/ and labels.*")
@@ -47,12 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write all metrics and per-scan scores to this JSON file")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, default=4,
+    parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="slices per forward pass (default 4)")
     parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
                         help="how the models run: auto (ONNX Runtime on the CPU, torch on a GPU), "
                              "torch or onnx (default auto)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cases = load_cases(seeds, args.phantom_slices, args.data)
-    except (FileNotFoundError, SeriesError, LabelError) as error:
+    except (FileNotFoundError, SeriesError, LabelError, ValueError) as error:
         print(f"cacs-node evaluate: {error}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,17 @@ HELP = (
 logger = logging.getLogger(__name__)
 
 
+def positive_int(text: str) -> int:
+    """Parse a whole number of at least 1 (threads, batch sizes, slice counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {value}: expected 1 or more")
+    return value
+
+
 def parse_seeds(text: str) -> list[int]:
     """Parse "0-39", "5" or "0-9,20,30-31" into a sorted list of distinct numbers (seeds, epochs)."""
     seeds: set[int] = set()
@@ -90,6 +101,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--validation", choices=["crops", "volumes"], default="crops",
                      help="validate on fixed crops around the heart (default) or on the whole "
                           "validation series, as the node segments them")
+    run.add_argument("--selection", choices=["argmax", "calibrated"], default="argmax",
+                     help="lesion decision that validation scores each epoch by: the argmax "
+                          "(default, the paper's rule) or the best lesion threshold, which "
+                          "the checkpoints then carry; calibrated needs --validation volumes")
     run.add_argument("--validation-every", type=int, default=1,
                      help="epochs between validations (default 1)")
     run.add_argument("--validation-crops", type=int, default=32,
@@ -104,9 +119,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "e.g. 0.999, and validate and save the average (default 0: off)")
     run.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                      help="validate and stop after the first epoch that ends this many minutes "
-                          "after the start (default: no limit)")
+                          "after the first epoch began, i.e. not counting the generation of "
+                          "phantom series (default: no limit)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=positive_int, default=None,
                      help="torch CPU threads (default: torch's choice)")
     run.add_argument("--device", default="auto",
                      help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
@@ -116,7 +132,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--resume", type=Path, default=None,
                        help="continue an interrupted run from its last.pt")
     start.add_argument("--continue-from", type=Path, default=None,
-                       help="start from these weights at learning rate 1e-4 (active learning)")
+                       help="start a new run from these weights, at learning rate 1e-4 unless "
+                            "--learning-rate is given (active learning)")
     parser.add_argument("--export", type=Path, default=None,
                         help="after training, write best.pt without training state to this path")
     parser.add_argument("--export-fp16", action="store_true",
@@ -146,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             candidate_crop_fraction=args.candidate_crop_fraction,
             validation=args.validation,
             validation_every=args.validation_every,
+            selection=args.selection,
             precision=args.precision,
             snapshot_epochs=tuple(args.snapshot_epochs),
             ema_decay=args.ema_decay,
@@ -158,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node train: {error}", file=sys.stderr)
         return 2
 
+    if args.resume is not None and args.learning_rate is not None:
+        print("cacs-node train: --learning-rate cannot change a resumed run, which keeps its "
+              "optimiser and schedule; use --continue-from to start a new run from its weights",
+              file=sys.stderr)
+        return 2
     if args.output_dir.exists() and not args.output_dir.is_dir():
         print(f"cacs-node train: {args.output_dir} is a file; give a folder for the checkpoints",
               file=sys.stderr)

@@ -53,6 +53,17 @@ def test_lesion_threshold_sweep_counts_each_decision():
     assert evaluation.best_threshold(results).threshold == 0.7
 
 
+def test_best_threshold_equal_f1_prefers_fewer_errors():
+    counts = evaluation.metrics.DetectionCounts
+    results = [
+        evaluation.ThresholdResult(None, counts(0, 861, 40)),
+        evaluation.ThresholdResult(0.6, counts(0, 7, 40)),
+        evaluation.ThresholdResult(0.7, counts(0, 7, 40)),
+    ]
+    # Every F1 is 0; the fewest errors win, and the earlier of two equal results.
+    assert evaluation.best_threshold(results).threshold == 0.6
+
+
 def test_lesion_threshold_sweep_invalid_threshold_raises():
     with pytest.raises(ValueError, match="lesion threshold must lie strictly between 0 and 1"):
         evaluation.lesion_threshold_sweep(_hu_rule_model(), [_calibration_case()], [0.5, 1.0])
@@ -107,7 +118,11 @@ def test_parse_thresholds_range_and_list():
     from node.commands.calibrate import parse_thresholds
 
     assert parse_thresholds("0.6:0.7:0.05") == [0.6, 0.65, 0.7]
+    assert parse_thresholds("0.5:0.53:0.02") == [0.5, 0.52]
+    assert parse_thresholds("0.9:0.99:0.1") == [0.9]
     assert parse_thresholds("0.55,0.8") == [0.55, 0.8]
+    with pytest.raises(argparse.ArgumentTypeError, match="STOP is below START"):
+        parse_thresholds("0.9:0.5:0.1")
     with pytest.raises(argparse.ArgumentTypeError, match="each must lie strictly between 0 and 1"):
         parse_thresholds("0.5,1")
     with pytest.raises(argparse.ArgumentTypeError, match="expected START:STOP:STEP"):
@@ -118,24 +133,80 @@ def test_calibrate_command_writes_calibrated_copy(tmp_path: Path, capsys):
     from node.cli import main
 
     source = _saved_model(tmp_path / "model.pt")
+    # The first 2 slices of phantom seed 1007 hold coronary calcium.
     status = main([
-        "calibrate", str(source), str(tmp_path / "calibrated.pt"), "--phantom-seeds", "1000",
-        "--phantom-slices", "2", "--thresholds", "0.6,0.9", "--device", "cpu", "--threads", "1",
+        "calibrate", str(source), str(tmp_path / "new" / "calibrated.pt"), "--phantom-seeds",
+        "1007", "--phantom-slices", "2", "--thresholds", "0.6,0.9", "--device", "cpu",
+        "--threads", "1",
     ])
     output = capsys.readouterr().out
     assert status == 0
     assert "| argmax" in output
     assert "| P(CAC) > 0.9" in output
     assert "(chosen)" in output
-    assert f"wrote {tmp_path / 'calibrated.pt'}" in output
-    saved = checkpoint.load_checkpoint(tmp_path / "calibrated.pt")
+    assert f"wrote {tmp_path / 'new' / 'calibrated.pt'}" in output
+    saved = checkpoint.load_checkpoint(tmp_path / "new" / "calibrated.pt")
     assert saved.training_state is None
-    assert saved.metadata["lesion_threshold_calibration"]["series"] == ["phantom-1000"]
+    calibration = saved.metadata["lesion_threshold_calibration"]
+    assert calibration["series"] == ["phantom-1007 (2 slices)"]
+    assert [row["threshold"] for row in calibration["results"]] == [None, 0.6, 0.9]
 
 
-def test_calibrate_command_output_same_as_model_exits_2(tmp_path: Path, capsys):
+def test_calibrate_command_without_calcium_exits_2(tmp_path: Path, capsys):
     from node.cli import main
 
     source = _saved_model(tmp_path / "model.pt")
-    assert main(["calibrate", str(source), str(source), "--phantom-seeds", "1000"]) == 2
-    assert "is the model itself; give a new path" in capsys.readouterr().err
+    # The first 2 slices of phantom seed 1000 hold no coronary calcium.
+    status = main([
+        "calibrate", str(source), str(tmp_path / "calibrated.pt"), "--phantom-seeds", "1000",
+        "--phantom-slices", "2", "--device", "cpu", "--threads", "1",
+    ])
+    assert status == 2
+    assert "contain no coronary calcium, so no threshold can be judged" in capsys.readouterr().err
+    assert not (tmp_path / "calibrated.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("model.pt", "is the model itself; give a new path"),
+        ("folder", "is a folder; give the path of the new .pt file"),
+        ("model.pt/x.pt", "is a file, not a folder"),
+    ],
+)
+def test_calibrate_command_bad_output_exits_2(tmp_path: Path, capsys, output: str, message: str):
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    (tmp_path / "folder").mkdir()
+    assert main(["calibrate", str(source), str(tmp_path / output), "--phantom-seeds", "1000"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--batch-size", "0"], "invalid number 0: expected 1 or more"),
+        (["--threads", "-1"], "invalid number -1: expected 1 or more"),
+        (["--phantom-slices", "x"], "invalid number 'x': expected a whole number"),
+    ],
+)
+def test_calibrate_command_bad_numbers_exit_2(tmp_path: Path, capsys, options, message):
+    from node.cli import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(["calibrate", "default", str(tmp_path / "out.pt"), *options])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_command_one_slice_phantom_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    status = main([
+        "calibrate", str(source), str(tmp_path / "out.pt"), "--phantom-seeds", "1000",
+        "--phantom-slices", "1", "--device", "cpu",
+    ])
+    assert status == 2
+    assert "slices is 1; expected 2–200" in capsys.readouterr().err

@@ -134,3 +134,19 @@ def test_evaluate_scans_pools_counts_and_formats_tables():
     assert "0.800" in table  # voxel F1 = 2·2 / (2·2 + 0 + 1)
     agreement = metrics.format_agreement_table(report)
     assert "Linearly weighted Cohen's kappa: 1.000" in agreement
+
+
+def test_detection_table_widens_for_long_model_names():
+    report = metrics.evaluate_scans("mtl-uncertainty-calibrated", [_scan("a", 2, 3, ("II", "II"))])
+    lines = metrics.format_detection_table([report]).splitlines()
+    # The model column widens to the 26-character name, so every line puts its first bar at 27.
+    assert [line.index("|") for line in (lines[0], lines[1], lines[3])] == [27, 27, 27]
+
+
+def test_counts_json_writes_undefined_ratio_as_null():
+    import json
+
+    document = metrics.DetectionCounts(0, 0, 4).to_json()
+    assert document["ppv"] is None
+    assert document["sensitivity"] == 0.0
+    assert json.loads(json.dumps(document, allow_nan=False))["ppv"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -486,3 +487,63 @@ def test_train_time_limit_stops_and_validates(tmp_path: Path, caplog):
 def test_training_config_zero_time_limit_raises():
     with pytest.raises(ValueError, match="time limit must be positive, got 0 minutes"):
         training.TrainingConfig(time_limit_minutes=0)
+
+
+def test_train_calibrated_selection_records_threshold(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(
+        epochs=2, steps_per_epoch=1, batch_size=2, seed=5, validation="volumes",
+        selection="calibrated",
+    )
+    outcome = training.train(config, cases, cases, tmp_path, progress=False)
+    for record in outcome.history:
+        # The argmax rule is one of the decisions tried, so the chosen one is no worse.
+        assert record["micro_f1_cac"] >= record["micro_f1_cac_argmax"]
+    best = outcome.history[outcome.best_epoch - 1]
+    saved = checkpoint.load_checkpoint(tmp_path / "best.pt")
+    assert saved.metadata.get("lesion_threshold", math.nan) == pytest.approx(
+        best["lesion_threshold"], nan_ok=True
+    )
+
+
+def test_calibrated_metrics_choose_threshold_of_best_f1():
+    from tests.scoring.test_evaluation import _calibration_case, _HuRule
+
+    case = _calibration_case()
+    regions = np.full(case.labels.shape, training.REGION_UNLABELLED, dtype=np.int8)
+    training_case = training.TrainingCase.from_arrays(
+        "calibration", case.volume.hu, case.labels, regions
+    )
+    result = training._calibrated_metrics(
+        _HuRule(), [training_case], torch.device("cpu"), "fp32"
+    )
+    # Bone at 550 HU has P(CAC) 0.622, so 0.63 is the first tried threshold without it.
+    assert result["lesion_threshold"] == 0.63
+    assert result["micro_f1_cac"] == 1.0
+    assert result["micro_f1_cac_argmax"] == pytest.approx(2 * 16 / (2 * 16 + 25))
+
+
+def test_training_config_calibrated_selection_on_crops_raises():
+    with pytest.raises(ValueError, match="calibrated selection needs validation on volumes"):
+        training.TrainingConfig(selection="calibrated", validation="crops")
+
+
+def test_resume_with_other_ema_decay_raises(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(
+        epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1, ema_decay=0.9
+    )
+    training.train(config, cases, cases, tmp_path, progress=False)
+    plain = training.TrainingConfig(epochs=2, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    with pytest.raises(ValueError, match="was trained with EMA decay 0.9, not 0; resume with --ema-decay 0.9"):
+        training.train(plain, cases, cases, tmp_path, resume=tmp_path / "last.pt", progress=False)
+
+
+def test_train_command_learning_rate_with_resume_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    status = main([
+        "train", str(tmp_path), "--resume", str(tmp_path / "last.pt"), "--learning-rate", "1e-3",
+    ])
+    assert status == 2
+    assert "--learning-rate cannot change a resumed run" in capsys.readouterr().err
