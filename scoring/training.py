@@ -222,6 +222,9 @@ class TrainingConfig:
             raise ValueError(
                 f"snapshot epochs {outside} lie outside the epochs of this run (1 to {self.epochs})"
             )
+        for name in ("learning_rate", "continue_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise ValueError(f"time limit must be positive, got {self.time_limit_minutes} minutes")
         if not 0.0 <= self.ema_decay < 1.0:

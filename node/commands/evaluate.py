@@ -93,16 +93,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     reports = {}
+    versions = {}
     for name, path in models:
         try:
             loaded = load_model(path, args.device)
         except ModelError as error:
             print(f"cacs-node evaluate: model {name}: {error}", file=sys.stderr)
             return 2
+        versions[name] = loaded.model_version
         reports[name] = evaluation.evaluate_model(
             name, loaded, cases, batch_size=args.batch_size, runtime=args.runtime
         )
 
+    for name, version in versions.items():
+        print(f"{name}: model {version}")
     print(f"Detection on {len(cases)} series")
     print(metrics.format_detection_table(list(reports.values())))
     for report in reports.values():
@@ -111,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path is not None:
         document = {
             "series": [case.name for case in cases],
+            "model_versions": versions,
             "models": metrics.summary_rows(reports),
         }
         args.json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -210,3 +210,27 @@ def test_calibrate_command_one_slice_phantom_exits_2(tmp_path: Path, capsys):
     ])
     assert status == 2
     assert "slices is 1; expected 2–200" in capsys.readouterr().err
+
+
+def test_evaluate_command_prints_versions_and_strict_json(tmp_path: Path, capsys):
+    import json
+
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    # Without a model_version in its metadata, a model is named by architecture and hash.
+    version = "mtl-" + checkpoint.load_checkpoint(source).weights_sha256[:12]
+    status = main([
+        "evaluate", "--model", f"random={source}", "--phantom-seeds", "1007",
+        "--phantom-slices", "2", "--json", str(tmp_path / "out.json"), "--device", "cpu",
+        "--threads", "1", "--runtime", "torch",
+    ])
+    assert status == 0
+    assert f"random: model {version}" in capsys.readouterr().out
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    document = json.loads((tmp_path / "out.json").read_text(), parse_constant=reject)
+    assert document["model_versions"] == {"random": version}
+    assert document["series"] == ["phantom-1007"]

@@ -547,3 +547,9 @@ def test_train_command_learning_rate_with_resume_exits_2(tmp_path: Path, capsys)
     ])
     assert status == 2
     assert "--learning-rate cannot change a resumed run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", [0.0, -1e-3])
+def test_training_config_non_positive_learning_rate_raises(rate: float):
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        training.TrainingConfig(learning_rate=rate)
