@@ -7,8 +7,8 @@ import math
 import sys
 from pathlib import Path
 
-from node.commands.evaluate import load_cases, parse_model
-from node.commands.train import parse_seeds, positive_int
+from node.commands.evaluate import add_run_options, load_cases, parse_model
+from node.commands.train import parse_seeds
 
 HELP = (
     "choose the CAC probability above which the model calls a pixel calcium, by the "
@@ -64,20 +64,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-seeds", type=parse_seeds, default=None,
                         help="validation phantom seeds, e.g. 1000-1003 (default 1000-1003 unless "
                              "--data); never the seeds the model is tested on")
-    parser.add_argument("--phantom-slices", type=positive_int, default=None,
-                        help="slices per phantom series (default: the phantom's own default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of annotated validation series: case folders holding dicom/ "
                              "and labels.*")
     parser.add_argument("--thresholds", type=parse_thresholds, default=None,
                         help="CAC probabilities to try, START:STOP:STEP or a list "
                              "(default 0.5:0.95:0.01); the argmax rule is always tried too")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=positive_int, default=4,
-                        help="slices per forward pass (default 4)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    add_run_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,19 +39,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-seeds", type=parse_seeds, default=None,
                         help="held-out phantom seeds, e.g. 2000-2019 (default 2000-2019 unless "
                              "--data)")
-    parser.add_argument("--phantom-slices", type=positive_int, default=None,
-                        help="slices per phantom series (default: the phantom's own default)")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of annotated series: case folders holding dicom/ and labels.*")
     parser.add_argument("--json", type=Path, default=None, dest="json_path",
                         help="also write all metrics and per-scan scores to this JSON file")
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                        help="how the models run: auto (ONNX Runtime on the CPU, torch on a GPU), "
+                             "torch or onnx (default auto)")
+    add_run_options(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that set the phantom length and how the network runs."""
+    parser.add_argument("--phantom-slices", type=positive_int, default=None,
+                        help="slices per phantom series (default: the phantom's own default)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="slices per forward pass (default 4)")
-    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
-                        help="how the models run: auto (ONNX Runtime on the CPU, torch on a GPU), "
-                             "torch or onnx (default auto)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
