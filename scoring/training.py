@@ -945,8 +945,11 @@ def train(
     epoch = start_epoch
     stop = False
     run_started = time.monotonic()
-    # Lesion threshold of the latest calibrated validation; NaN for the argmax rule.
+    # Lesion threshold of the latest calibrated validation (a resumed run starts
+    # from its checkpoint's); NaN for the argmax rule.
     lesion_threshold = math.nan
+    if resume is not None and config.selection == "calibrated":
+        lesion_threshold = float(source.metadata.get("lesion_threshold", math.nan))
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         wrapped.train()
@@ -1024,9 +1027,10 @@ def train(
                 if validating else "no validation this epoch"
             )
             if validating and "lesion_threshold" in validation_metrics:
+                chosen = validation_metrics["lesion_threshold"]
                 validation_text += (
-                    " (lesion threshold {lesion_threshold:g}; micro-F1 CAC with the argmax "
-                    "{micro_f1_cac_argmax:.3f})".format(**validation_metrics)
+                    f" (lesion decision {'argmax' if math.isnan(chosen) else f'P(CAC) > {chosen:g}'}"
+                    f"; micro-F1 CAC with the argmax {validation_metrics['micro_f1_cac_argmax']:.3f})"
                 )
             logger.info(
                 "epoch %d/%d: loss %.4f (region %.4f, lesion %.4f), sigma_R %.3f, sigma_L %.3f, "

@@ -553,3 +553,16 @@ def test_train_command_learning_rate_with_resume_exits_2(tmp_path: Path, capsys)
 def test_training_config_non_positive_learning_rate_raises(rate: float):
     with pytest.raises(ValueError, match="learning rate must be positive"):
         training.TrainingConfig(learning_rate=rate)
+
+
+def test_train_calibrated_selection_logs_decision(tmp_path: Path, caplog):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(
+        epochs=1, steps_per_epoch=1, batch_size=2, seed=5, validation="volumes",
+        selection="calibrated",
+    )
+    with caplog.at_level("INFO", logger="scoring.training"):
+        outcome = training.train(config, cases, cases, tmp_path, progress=False)
+    chosen = outcome.history[0]["lesion_threshold"]
+    decision = "argmax" if math.isnan(chosen) else f"P(CAC) > {chosen:g}"
+    assert f"(lesion decision {decision}; micro-F1 CAC with the argmax" in caplog.text
