@@ -376,10 +376,10 @@ def combine_tasks(
 def check_lesion_threshold(threshold: float | None) -> float | None:
     """Validate a lesion threshold: None, or a probability strictly between 0 and 1.
 
-    With the focal loss and the 0.01 weight of OTHER_CAC, the loss is lowest
-    at a CAC probability above 0.5 only for pixels whose chance of being
-    calcium is at least about 1 %, so the argmax of a network that is not
-    fully trained calls many uncertain pixels calcium. A threshold above 0.5,
+    With the focal loss and the 0.01 weight of OTHER_CAC, the loss puts the
+    CAC probability above 0.5 for every pixel with at least about a 1 %
+    chance of being calcium. So the argmax of a network that is not fully
+    trained calls many uncertain pixels calcium. A threshold above 0.5,
     chosen on validation series (`cacs-node calibrate`), moves that decision.
     """
     if threshold is None:
