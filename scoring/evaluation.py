@@ -199,7 +199,8 @@ def sweep_thresholds(
         with autocast():
             output = network(inputs.contiguous(memory_format=torch.channels_last))
         argmax_labels, _ = combine_outputs(output, candidate)
-        # Labels with every candidate called calcium, and the probability that decides it.
+        # The label each candidate gets if it is called calcium (0 where its CAC
+        # probability rounds to 0), and the probability compared with each threshold.
         every_labels, _ = combine_outputs(output, candidate, lesion_threshold=1e-12)
         logits = output[1] if isinstance(output, tuple) else output
         probability = 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]

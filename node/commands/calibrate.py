@@ -27,7 +27,8 @@ def parse_thresholds(text: str) -> list[float]:
                 raise argparse.ArgumentTypeError(
                     f"invalid thresholds {text!r}: STOP is below START"
                 )
-            # The small margin keeps STOP when rounding leaves (STOP − START) / STEP just below a whole number.
+            # The margin keeps STOP when floating-point rounding leaves
+            # (STOP − START) / STEP just below a whole number.
             count = math.floor((stop - start) / step + 1e-9) + 1
             values = [round(start + step * index, 6) for index in range(count)]
         else:
