@@ -53,17 +53,12 @@ def folder_evaluation_cases(root: Path) -> list[EvaluationCase]:
         LABEL_MAP_NAMES,
         REGION_MAP_NAMES,
         _first_existing,
+        annotated_case_folders,
         phantom_region_mapping,
         region_target_from_annotation,
     )
 
-    root = Path(root)
-    case_dirs = sorted(p.parent for p in root.rglob("dicom") if p.is_dir())
-    if not case_dirs:
-        raise FileNotFoundError(
-            f"no annotated series found under {root}: expected folders holding dicom/ and "
-            "labels.nrrd (or .nii.gz, .dcm)"
-        )
+    case_dirs = annotated_case_folders(root, "dicom/ and labels.nrrd (or .nii.gz, .dcm)")
     cases = []
     for case_dir in case_dirs:
         label_path = _first_existing(case_dir, LABEL_MAP_NAMES)

@@ -331,13 +331,9 @@ def folder_cases(root: Path) -> list[TrainingCase]:
     from scoring.labels import read_label_map
     from scoring.series import load_series
 
-    root = Path(root)
-    case_dirs = sorted(p.parent for p in root.rglob("dicom") if p.is_dir())
-    if not case_dirs:
-        raise FileNotFoundError(
-            f"no annotated series found under {root}: expected folders holding dicom/, "
-            "labels.nrrd (or .nii.gz, .dcm) and regions.nrrd"
-        )
+    case_dirs = annotated_case_folders(
+        root, "dicom/, labels.nrrd (or .nii.gz, .dcm) and regions.nrrd"
+    )
     cases = []
     for case_dir in case_dirs:
         label_path = _first_existing(case_dir, LABEL_MAP_NAMES)
@@ -359,6 +355,24 @@ def folder_cases(root: Path) -> list[TrainingCase]:
         cases.append(TrainingCase.from_arrays(case_dir.name, volume.hu, labels, regions))
         logger.info("loaded training case %s (%d slices)", case_dir.name, volume.shape[0])
     return cases
+
+
+def annotated_case_folders(root: Path, expected: str) -> list[Path]:
+    """The folders under `root` that hold a dicom/ folder, sorted.
+
+    expected: what a case folder should hold, for the error message.
+    Raises FileNotFoundError when `root` is not a folder or holds no case.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"annotated data folder {root} {state}")
+    case_dirs = sorted(path.parent for path in root.rglob("dicom") if path.is_dir())
+    if not case_dirs:
+        raise FileNotFoundError(
+            f"no annotated series found under {root}: expected folders holding {expected}"
+        )
+    return case_dirs
 
 
 def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
@@ -472,8 +486,6 @@ class HybridSampler:
             for slice_index in range(case.hu.shape[0]):
                 pool = self.calcium_pool if slice_index in calcium else self.other_pool
                 pool.append((case_index, slice_index))
-        if not self.calcium_pool:
-            logger.warning("no training slice contains coronary calcium; every crop is negative")
 
     def _draw_slice(self) -> tuple[int, int, bool]:
         use_calcium = bool(self.calcium_pool) and (
@@ -841,8 +853,6 @@ def train(
         torch.set_num_threads(config.threads)
     distributed, device = _start_distributed(config.device)
     output_dir = Path(output_dir)
-    if distributed.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     _seed_everything(config.seed)
     # Channels-last makes a training step about 4 times faster on the CPU (2.2 s
@@ -905,7 +915,6 @@ def train(
             generator = checkpoint_module.restore_numpy_generator(generators[distributed.rank])
         torch.set_rng_state(training_state["torch_rng"])
         logger.info("resumed %s at epoch %d", resume, start_epoch)
-        _carry_best_checkpoint(Path(resume), output_dir, distributed.is_main)
 
     # A checkpoint of a run with a weight average stores the average as its
     # weights and the trained weights in its training state.
@@ -928,6 +937,13 @@ def train(
         body_crop_fraction=config.body_crop_fraction,
         candidate_crop_fraction=config.candidate_crop_fraction,
     )
+    if not sampler.calcium_pool:
+        logger.warning("no training slice contains coronary calcium; every crop is negative")
+    if validation_cases and not any(case.calcium_slices.size for case in validation_cases):
+        logger.warning(
+            "no validation slice contains coronary calcium, so the validation micro-F1 only "
+            "says whether the model called any calcium: 1.0 for none, 0.0 otherwise"
+        )
     validation = []
     if config.validation == "crops":
         validation = validation_batches(
@@ -939,6 +955,12 @@ def train(
         "validation": summarise_cases(validation_cases),
         "description": data_description,
     }
+    # The folder appears only once the settings, checkpoints and data have
+    # passed their checks, so a run rejected at the start leaves nothing behind.
+    if distributed.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            _carry_best_checkpoint(Path(resume), output_dir, distributed.is_main)
     last_path = output_dir / "last.pt"
     best_path = output_dir / "best.pt"
 

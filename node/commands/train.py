@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     if outcome.history:
         history_path.write_text(json.dumps(outcome.history, indent=2))
     print(
-        f"trained {config.model_name} for {outcome.epochs_run} epochs; best validation "
+        f"trained {config.model_name} for {outcome.epochs_run} "
+        f"epoch{'' if outcome.epochs_run == 1 else 's'}; best validation "
         f"micro-F1 {outcome.best_micro_f1:.3f} at epoch {outcome.best_epoch}"
     )
     written = [

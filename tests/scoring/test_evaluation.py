@@ -234,3 +234,11 @@ def test_evaluate_command_prints_versions_and_strict_json(tmp_path: Path, capsys
     document = json.loads((tmp_path / "out.json").read_text(), parse_constant=reject)
     assert document["model_versions"] == {"random": version}
     assert document["series"] == ["phantom-1007"]
+
+
+def test_evaluate_command_missing_data_folder_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    status = main(["evaluate", "--data", str(tmp_path / "absent")])
+    assert status == 2
+    assert f"annotated data folder {tmp_path / 'absent'} does not exist" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -566,3 +567,58 @@ def test_train_calibrated_selection_logs_decision(tmp_path: Path, caplog):
     chosen = outcome.history[0]["lesion_threshold"]
     decision = "argmax" if math.isnan(chosen) else f"P(CAC) > {chosen:g}"
     assert f"(lesion decision {decision}; micro-F1 CAC with the argmax" in caplog.text
+
+
+def test_rejected_train_leaves_no_folder(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    training.train(config, cases, cases, tmp_path / "first", progress=False)
+    single = training.TrainingConfig(
+        architecture="single", epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1
+    )
+    with pytest.raises(ValueError, match="architecture"):
+        training.train(
+            single, cases, cases, tmp_path / "second",
+            continue_from=tmp_path / "first" / "best.pt", progress=False,
+        )
+    assert not (tmp_path / "second").exists()
+
+
+def test_calcium_free_data_warns_once_per_set(tmp_path: Path, caplog):
+    calcium_free = _synthetic_case()
+    labels = np.where(calcium_free.labels == 4, 4, 0).astype(np.uint8)
+    calcium_free = training.TrainingCase.from_arrays(
+        "calcium-free", calcium_free.hu, labels, calcium_free.regions
+    )
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    with caplog.at_level("WARNING", logger="scoring.training"):
+        training.train(config, [calcium_free], [calcium_free], tmp_path, progress=False)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count(
+        "no training slice contains coronary calcium; every crop is negative"
+    ) == 1
+    assert sum(message.startswith("no validation slice contains coronary calcium")
+               for message in messages) == 1
+
+
+def test_train_command_names_a_single_epoch(tmp_path: Path, capsys):
+    from node.cli import main
+
+    arguments = [
+        "train", str(tmp_path / "run"), "--phantom-seeds", "7", "--validation-seeds", "8",
+        "--phantom-slices", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+        "--validation-crops", "1", "--threads", "1", "--device", "cpu", "--no-progress",
+    ]
+    assert main(arguments) == 0
+    assert "trained mtl-uncertainty for 1 epoch; best validation micro-F1" in capsys.readouterr().out
+
+
+def test_folder_cases_missing_or_empty_folder(tmp_path: Path):
+    missing = re.escape(f"annotated data folder {tmp_path / 'absent'} does not exist")
+    with pytest.raises(FileNotFoundError, match=missing):
+        training.folder_cases(tmp_path / "absent")
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="file.txt is not a folder"):
+        training.folder_cases(tmp_path / "file.txt")
+    with pytest.raises(FileNotFoundError, match="no annotated series found under .*regions.nrrd"):
+        training.folder_cases(tmp_path)
