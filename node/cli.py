@@ -30,6 +30,8 @@ _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 #: Exit status of a command whose standard output was closed early, as a shell reports SIGPIPE (128 + 13).
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+#: Exit status of a command stopped by Ctrl-C, as a shell reports SIGINT (128 + 2).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Flushing here, also on SystemExit from --help or --version, raises
             # BrokenPipeError where it can be handled instead of at interpreter exit.
             sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("cacs-node: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Python's documented recipe: point stdout at devnull so the final flush at exit stays silent.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -152,7 +152,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
                               "written by `cacs-node train`")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError, pickle.UnpicklingError) as error:
+        # A text or image file makes torch's unpickler fail with KeyError or IndexError.
         # torch's messages go on with advice for other programs; their first
         # sentence names the failure.
         text = str(error).strip()
@@ -178,7 +180,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"{', '.join(model_module.ARCHITECTURES)}"
         )
 
-    state_dict = payload["state_dict"]
+    state_dict = payload.get("state_dict")
+    _check_weights(path, architecture, state_dict)
+    if not isinstance(payload.get("metadata") or {}, dict):
+        raise CheckpointError(f"{path} has metadata that is not a mapping; the file is damaged")
     stored = payload.get("weights_sha256")
     actual = hash_state_dict(state_dict)
     if stored != actual:
@@ -192,6 +197,25 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metadata=dict(payload.get("metadata") or {}),
         training_state=payload.get("training_state"),
     )
+
+
+def _check_weights(path: Path, architecture: str, state_dict: Any) -> None:
+    """Raise CheckpointError unless `state_dict` has the names and shapes of `architecture`."""
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(value, torch.Tensor) for value in state_dict.values()
+    ):
+        raise CheckpointError(f"{path} holds no weights (a state_dict of tensors); the file is damaged")
+    expected = model_module.build_model(architecture).state_dict()
+    mismatched = sorted(
+        name for name in expected.keys() | state_dict.keys()
+        if name not in expected or name not in state_dict
+        or expected[name].shape != state_dict[name].shape
+    )
+    if mismatched:
+        raise CheckpointError(
+            f"the weights in {path} do not fit architecture {architecture!r}: "
+            f"{len(mismatched)} tensors missing, extra or of another shape, e.g. {mismatched[0]}"
+        )
 
 
 def numpy_generator_state(generator: np.random.Generator) -> dict[str, Any]:

@@ -98,6 +98,10 @@ class TrainingCase:
         return int((self.regions >= 0).any(axis=(1, 2)).sum())
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite, so the run stopped."""
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Settings of one training run.
@@ -223,8 +227,9 @@ class TrainingConfig:
                 f"snapshot epochs {outside} lie outside the epochs of this run (1 to {self.epochs})"
             )
         for name in ("learning_rate", "continue_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name.replace('_', ' ')} must be positive and finite, got {value}")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise ValueError(f"time limit must be positive, got {self.time_limit_minutes} minutes")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -885,6 +890,12 @@ def train(
             )
         module.network.load_state_dict(source.state_dict)
         training_state = source.training_state
+        resumed_weighting = training_state.get("config", {}).get("weighting", config.weighting)
+        if resumed_weighting != config.weighting:
+            raise ValueError(
+                f"{resume} was trained with {resumed_weighting} weighting, not "
+                f"{config.weighting}; resume with --weighting {resumed_weighting}"
+            )
         resumed_decay = float(training_state.get("config", {}).get("ema_decay", 0.0))
         if resumed_decay != config.ema_decay:
             raise ValueError(
@@ -988,6 +999,12 @@ def train(
                 total, region_part, lesion_part = wrapped(
                     batch.inputs.contiguous(memory_format=torch.channels_last),
                     batch.labels, batch.regions,
+                )
+            if not torch.isfinite(total.detach()):
+                raise TrainingDivergedError(
+                    f"the training loss became {float(total.detach())} in epoch {epoch}; the "
+                    "weights of the last finished epoch are kept. Lower the learning rate and "
+                    "resume, or start again"
                 )
             total.backward()
             optimizer.step()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from node.commands.evaluate import add_run_options, load_cases, parse_model
-from node.commands.train import parse_seeds
+from node.commands.train import output_file_problem, parse_seeds
 
 HELP = (
     "choose the CAC probability above which the model calls a pixel calcium, by the "
@@ -42,18 +42,6 @@ def parse_thresholds(text: str) -> list[float]:
             f"invalid thresholds {text!r}: each must lie strictly between 0 and 1"
         )
     return values
-
-
-def _output_problem(output: Path) -> str | None:
-    """Describe why the calibrated copy cannot be written to `output`, or return None."""
-    if output.is_dir():
-        return f"output {output} is a folder; give the path of the new .pt file"
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"output {output} cannot be created: {parent} is a file, not a folder"
-    return None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -90,11 +78,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     name, path = args.model
     source = default_model_path() if path is None else path
-    if args.output.resolve() == Path(source).resolve():
-        print(f"cacs-node calibrate: output {args.output} is the model itself; give a new path",
-              file=sys.stderr)
-        return 2
-    problem = _output_problem(args.output)
+    problem = output_file_problem(args.output, [source])
     if problem is not None:
         print(f"cacs-node calibrate: {problem}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from node.commands.train import parse_seeds, positive_int
+from node.commands.train import output_file_problem, parse_seeds, positive_int
 
 HELP = (
     "evaluate models on held-out phantom seeds or annotated series; prints the detection "
@@ -90,6 +90,18 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.phantom_seeds
     if seeds is None and args.data is None:
         seeds = list(range(2000, 2020))
+
+    names = [name for name, _ in models]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        print(f"cacs-node evaluate: model name {', '.join(repeated)} is given more than once; "
+              "name each model with --model NAME=PATH", file=sys.stderr)
+        return 2
+    if args.json_path is not None:
+        problem = output_file_problem(args.json_path, [path for _, path in models])
+        if problem is not None:
+            print(f"cacs-node evaluate: {problem}", file=sys.stderr)
+            return 2
 
     try:
         cases = load_cases(seeds, args.phantom_slices, args.data)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 HELP = (
@@ -27,6 +29,40 @@ def positive_int(text: str) -> int:
     return value
 
 
+def output_file_problem(output: Path, inputs: Sequence[Path | None] = ()) -> str | None:
+    """Describe why a file cannot be written to `output`, or return None.
+
+    Commands check this before their long work starts. inputs: files the
+    command reads, which the output must not replace (None entries are skipped).
+    """
+    output = Path(output)
+    if output.is_dir():
+        return f"output {output} is a folder; give the path of a new file"
+    for source in inputs:
+        if source is not None and output.resolve() == Path(source).resolve():
+            return f"output {output} is also an input of this command; give a new path"
+    return folder_problem(output.parent, f"output {output}")
+
+
+def folder_problem(folder: Path, description: str) -> str | None:
+    """Describe why `folder` cannot be created or used, or return None.
+
+    description: how the message names the folder, e.g. "output folder runs/a".
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{description} cannot be created: {existing} is a file, not a folder"
+    return None
+
+
+#: Maximum count of numbers in a seed or epoch list. Every phantom series is held in
+#: memory during training (about 50 MB each at 48 slices of 512²), so longer
+#: lists are typing errors rather than runs.
+MAX_LIST_LENGTH = 10_000
+
+
 def parse_seeds(text: str) -> list[int]:
     """Parse "0-39", "5" or "0-9,20,30-31" into a sorted list of distinct numbers (seeds, epochs)."""
     seeds: set[int] = set()
@@ -39,6 +75,11 @@ def parse_seeds(text: str) -> list[int]:
                 first, last = (int(value) for value in part.split("-", 1))
                 if last < first:
                     raise ValueError
+                if len(seeds) + last - first + 1 > MAX_LIST_LENGTH:
+                    raise argparse.ArgumentTypeError(
+                        f"list {text!r} names more than {MAX_LIST_LENGTH:,} numbers; "
+                        "give fewer seeds or epochs"
+                    )
                 seeds.update(range(first, last + 1))
             else:
                 seeds.add(int(part))
@@ -181,9 +222,30 @@ def run(args: argparse.Namespace) -> int:
               "optimiser and schedule; use --continue-from to start a new run from its weights",
               file=sys.stderr)
         return 2
+    from scoring.inference import ModelError, resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ModelError as error:
+        print(f"cacs-node train: {error}", file=sys.stderr)
+        return 2
     if args.output_dir.exists() and not args.output_dir.is_dir():
         print(f"cacs-node train: {args.output_dir} is a file; give a folder for the checkpoints",
               file=sys.stderr)
+        return 2
+    problem = folder_problem(args.output_dir, f"output folder {args.output_dir}")
+    if problem is None and args.resume is None and (args.output_dir / "last.pt").exists():
+        problem = (
+            f"{args.output_dir} already contains a run (last.pt); continue it with --resume "
+            f"{args.output_dir / 'last.pt'}, or give a new folder"
+        )
+    if problem is None and args.export is not None:
+        run_files = [args.output_dir / "best.pt", args.output_dir / "last.pt"]
+        problem = output_file_problem(
+            args.export, [args.resume, args.continue_from, *run_files]
+        )
+    if problem is not None:
+        print(f"cacs-node train: {problem}", file=sys.stderr)
         return 2
     phantom_options = {}
     if args.phantom_slices is not None:
@@ -237,7 +299,12 @@ def run(args: argparse.Namespace) -> int:
 
     history_path = args.output_dir / "history.json"
     if outcome.history:
-        history_path.write_text(json.dumps(outcome.history, indent=2))
+        history = [
+            {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in record.items()}
+            for record in outcome.history
+        ]
+        history_path.write_text(json.dumps(history, indent=2, allow_nan=False))
     print(
         f"trained {config.model_name} for {outcome.epochs_run} "
         f"epoch{'' if outcome.epochs_run == 1 else 's'}; best validation "

@@ -75,3 +75,14 @@ def test_main_closed_stdout_exits_quietly(tmp_path: Path) -> None:
 
     assert completed.returncode == EXIT_BROKEN_PIPE == 141
     assert completed.stderr == ""
+
+
+def test_main_interrupted_exits_130(monkeypatch, capsys):
+    import node.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(node.cli, "_run", interrupted)
+    assert main(["status"]) == 130
+    assert capsys.readouterr().err == "cacs-node: interrupted\n"

@@ -169,8 +169,8 @@ def test_calibrate_command_without_calcium_exits_2(tmp_path: Path, capsys):
 @pytest.mark.parametrize(
     ("output", "message"),
     [
-        ("model.pt", "is the model itself; give a new path"),
-        ("folder", "is a folder; give the path of the new .pt file"),
+        ("model.pt", "is also an input of this command; give a new path"),
+        ("folder", "is a folder; give the path of a new file"),
         ("model.pt/x.pt", "is a file, not a folder"),
     ],
 )
@@ -242,3 +242,37 @@ def test_evaluate_command_missing_data_folder_exits_2(tmp_path: Path, capsys):
     status = main(["evaluate", "--data", str(tmp_path / "absent")])
     assert status == 2
     assert f"annotated data folder {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("model.pt", "is also an input of this command; give a new path"),
+        ("folder", "is a folder; give the path of a new file"),
+        ("model.pt/report.json", "is a file, not a folder"),
+    ],
+)
+def test_evaluate_command_bad_json_path_exits_2(tmp_path: Path, capsys, output: str, message: str):
+    from node.cli import main
+
+    source = _saved_model(tmp_path / "model.pt")
+    before = source.read_bytes()
+    (tmp_path / "folder").mkdir()
+    status = main([
+        "evaluate", "--model", str(source), "--json", str(tmp_path / output),
+        "--phantom-seeds", "2000", "--phantom-slices", "2",
+    ])
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert source.read_bytes() == before
+
+
+def test_evaluate_command_repeated_model_name_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    first = _saved_model(tmp_path / "first" / "best.pt")
+    second = _saved_model(tmp_path / "second" / "best.pt")
+    status = main(["evaluate", "--model", str(first), "--model", str(second),
+                   "--phantom-seeds", "2000", "--phantom-slices", "2"])
+    assert status == 2
+    assert "model name best is given more than once" in capsys.readouterr().err

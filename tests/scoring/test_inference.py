@@ -328,3 +328,29 @@ def test_load_model_invalid_lesion_threshold_raises(tmp_path: Path, random_model
     path = _with_metadata(random_model_path, tmp_path / "bad.pt", lesion_threshold=1.5)
     with pytest.raises(inference.ModelError, match="lesion threshold must lie strictly between"):
         inference.load_model(path, device="cpu")
+
+
+def test_load_model_text_file_raises_model_error(tmp_path: Path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello")
+    with pytest.raises(inference.ModelError, match="cannot be read .*not a cacs-node checkpoint"):
+        inference.load_model(path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"architecture": "single"}, "do not fit architecture 'single': .* tensors missing"),
+        ({"state_dict": None}, "holds no weights"),
+        ({"metadata": ["not", "a", "mapping"]}, "metadata that is not a mapping"),
+    ],
+)
+def test_load_model_damaged_payload_raises_model_error(
+    tmp_path: Path, random_model_path: Path, change: dict, message: str
+):
+    payload = torch.load(random_model_path, weights_only=True)
+    payload.update(change)
+    damaged = tmp_path / "damaged.pt"
+    torch.save(payload, damaged)
+    with pytest.raises(inference.ModelError, match=message):
+        inference.load_model(damaged, device="cpu")

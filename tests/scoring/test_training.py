@@ -622,3 +622,98 @@ def test_folder_cases_missing_or_empty_folder(tmp_path: Path):
         training.folder_cases(tmp_path / "file.txt")
     with pytest.raises(FileNotFoundError, match="no annotated series found under .*regions.nrrd"):
         training.folder_cases(tmp_path)
+
+
+def test_training_config_infinite_learning_rate_raises():
+    with pytest.raises(ValueError, match="learning rate must be positive and finite, got inf"):
+        training.TrainingConfig(learning_rate=math.inf)
+
+
+def test_train_non_finite_loss_stops_run(tmp_path: Path, monkeypatch):
+    forward = training.TrainingModule.forward
+
+    def diverging(self, *arguments):
+        total, region, lesion = forward(self, *arguments)
+        return total * math.nan, region, lesion
+
+    monkeypatch.setattr(training.TrainingModule, "forward", diverging)
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    with pytest.raises(training.TrainingDivergedError, match="training loss became nan in epoch 1"):
+        training.train(config, cases, cases, tmp_path, progress=False)
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_resume_with_other_weighting_raises(tmp_path: Path):
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    training.train(config, cases, cases, tmp_path, progress=False)
+    static = training.TrainingConfig(
+        epochs=2, steps_per_epoch=1, batch_size=2, validation_crops=1, weighting="static"
+    )
+    with pytest.raises(ValueError, match="trained with uncertainty weighting, not static"):
+        training.train(static, cases, cases, tmp_path, resume=tmp_path / "last.pt", progress=False)
+
+
+_TINY_RUN = [
+    "--phantom-seeds", "7", "--validation-seeds", "8", "--phantom-slices", "2", "--epochs", "1",
+    "--steps-per-epoch", "1", "--batch-size", "2", "--validation-crops", "1", "--threads", "1",
+    "--device", "cpu", "--no-progress",
+]
+
+
+def test_train_command_history_is_strict_json(tmp_path: Path):
+    import json
+
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "run"), "--architecture", "single", *_TINY_RUN]) == 0
+
+    def reject(constant: str):
+        raise AssertionError(f"history.json contains {constant}")
+
+    history = json.loads((tmp_path / "run" / "history.json").read_text(), parse_constant=reject)
+    assert history[0]["epoch"] == 1
+    assert history[0]["sigma_region"] is None
+
+
+def test_train_command_export_over_its_input_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    cases = [_synthetic_case()]
+    config = training.TrainingConfig(epochs=1, steps_per_epoch=1, batch_size=2, validation_crops=1)
+    training.train(config, cases, cases, tmp_path / "first", progress=False)
+    source = tmp_path / "first" / "best.pt"
+    before = source.read_bytes()
+    status = main(["train", str(tmp_path / "second"), *_TINY_RUN,
+                   "--continue-from", str(source), "--export", str(source)])
+    assert status == 2
+    assert "is also an input of this command; give a new path" in capsys.readouterr().err
+    assert source.read_bytes() == before
+    assert not (tmp_path / "second").exists()
+
+
+def test_train_command_unknown_device_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    arguments = ["train", str(tmp_path / "run"), *_TINY_RUN, "--device", "tpu"]
+    assert main(arguments) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+def test_train_command_existing_run_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN]) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN]) == 2
+    assert "already contains a run (last.pt); continue it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_parse_seeds_too_long_range_raises():
+    from node.commands.train import parse_seeds
+
+    assert len(parse_seeds("0-9999")) == 10_000
+    with pytest.raises(argparse.ArgumentTypeError, match="names more than 10,000 numbers"):
+        parse_seeds("0-100000000")
