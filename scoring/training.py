@@ -194,6 +194,8 @@ class TrainingConfig:
             )
         if self.crop_size <= 0 or self.crop_size % 256:
             raise ValueError(f"crop size must be a positive multiple of 256, got {self.crop_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.batch_size * (self.crop_size // 256) ** 2 < 2:
             raise ValueError(
                 f"batch size {self.batch_size} with {self.crop_size}-pixel crops leaves one value "

@@ -217,6 +217,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node train: {error}", file=sys.stderr)
         return 2
 
+    if args.export_fp16 and args.export is None:
+        print("cacs-node train: --export-fp16 needs --export PATH, the file to write",
+              file=sys.stderr)
+        return 2
     if args.resume is not None and args.learning_rate is not None:
         print("cacs-node train: --learning-rate cannot change a resumed run, which keeps its "
               "optimiser and schedule; use --continue-from to start a new run from its weights",

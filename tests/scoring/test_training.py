@@ -717,3 +717,16 @@ def test_parse_seeds_too_long_range_raises():
     assert len(parse_seeds("0-9999")) == 10_000
     with pytest.raises(argparse.ArgumentTypeError, match="names more than 10,000 numbers"):
         parse_seeds("0-100000000")
+
+
+def test_training_config_zero_batch_size_raises():
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        training.TrainingConfig(batch_size=0)
+
+
+def test_train_command_export_fp16_alone_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN, "--export-fp16"]) == 2
+    assert "--export-fp16 needs --export PATH" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
