@@ -341,7 +341,7 @@ def test_load_model_text_file_raises_model_error(tmp_path: Path):
     ("change", "message"),
     [
         ({"architecture": "single"}, "do not fit architecture 'single': .* tensors missing"),
-        ({"state_dict": None}, "holds no weights"),
+        ({"state_dict": None}, "contains no weights"),
         ({"metadata": ["not", "a", "mapping"]}, "metadata that is not a mapping"),
     ],
 )
