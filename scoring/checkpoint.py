@@ -204,7 +204,9 @@ def _check_weights(path: Path, architecture: str, state_dict: Any) -> None:
     if not isinstance(state_dict, dict) or not all(
         isinstance(value, torch.Tensor) for value in state_dict.values()
     ):
-        raise CheckpointError(f"{path} contains no weights (a state_dict of tensors); the file is damaged")
+        raise CheckpointError(
+            f"{path} contains no weights (a state_dict of tensors); the file is damaged"
+        )
     expected = model_module.build_model(architecture).state_dict()
     mismatched = sorted(
         name for name in expected.keys() | state_dict.keys()

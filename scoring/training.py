@@ -99,7 +99,7 @@ class TrainingCase:
 
 
 class TrainingDivergedError(ValueError):
-    """The training loss became NaN or infinite, so the run stopped."""
+    """Error raised when the training loss becomes NaN or infinite and the run stops."""
 
 
 @dataclass(frozen=True)
@@ -365,10 +365,10 @@ def folder_cases(root: Path) -> list[TrainingCase]:
 
 
 def annotated_case_folders(root: Path, expected: str) -> list[Path]:
-    """The folders under `root` that hold a dicom/ folder, sorted.
+    """Find the case folders under `root`: those that contain a dicom/ folder, sorted.
 
-    expected: what a case folder should hold, for the error message.
-    Raises FileNotFoundError when `root` is not a folder or holds no case.
+    expected: what a case folder should contain, for the error message.
+    Raises FileNotFoundError when `root` is not a folder or contains no case.
     """
     root = Path(root)
     if not root.is_dir():
@@ -377,7 +377,7 @@ def annotated_case_folders(root: Path, expected: str) -> list[Path]:
     case_dirs = sorted(path.parent for path in root.rglob("dicom") if path.is_dir())
     if not case_dirs:
         raise FileNotFoundError(
-            f"no annotated series found under {root}: expected folders holding {expected}"
+            f"no annotated series found under {root}: expected folders containing {expected}"
         )
     return case_dirs
 
@@ -955,7 +955,7 @@ def train(
     if validation_cases and not any(case.calcium_slices.size for case in validation_cases):
         logger.warning(
             "no validation slice contains coronary calcium, so the validation micro-F1 only "
-            "says whether the model called any calcium: 1.0 for none, 0.0 otherwise"
+            "shows whether the model called any calcium: 1.0 for none, 0.0 otherwise"
         )
     validation = []
     if config.validation == "crops":
@@ -1004,9 +1004,9 @@ def train(
                 )
             if not torch.isfinite(total.detach()):
                 raise TrainingDivergedError(
-                    f"the training loss became {float(total.detach())} in epoch {epoch}; the "
-                    "weights of the last finished epoch are kept. Lower the learning rate and "
-                    "resume, or start again"
+                    f"the training loss became {float(total.detach())} in epoch {epoch}. "
+                    "last.pt keeps the weights of the last finished epoch, if there is one. "
+                    "Lower the learning rate and resume, or start again"
                 )
             total.backward()
             optimizer.step()

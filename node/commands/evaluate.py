@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from scoring import evaluation, metrics
     from scoring.errors import LabelError, SeriesError
-    from scoring.inference import ModelError, load_model
+    from scoring.inference import ModelError, default_model_path, load_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
               "name each model with --model NAME=PATH", file=sys.stderr)
         return 2
     if args.json_path is not None:
-        problem = output_file_problem(args.json_path, [path for _, path in models])
+        sources = [default_model_path() if path is None else path for _, path in models]
+        problem = output_file_problem(args.json_path, sources)
         if problem is not None:
             print(f"cacs-node evaluate: {problem}", file=sys.stderr)
             return 2

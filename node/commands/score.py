@@ -63,7 +63,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model",
         metavar="PATH",
         default=None,
-        help="model checkpoint (default: from --config, else the model shipped in scoring/models/)",
+        help="model checkpoint, or default for the model shipped in scoring/models/ "
+        "(default: from --config, else the shipped model)",
     )
     parser.add_argument(
         "--uid-root",
@@ -109,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         runtime = args.runtime or settings.scoring.runtime
         uid_root = args.uid_root or settings.node.uid_root
 
+    if model_path == "default":
+        model_path = None
     dicom_dir = Path(args.dicom_dir)
     if not dicom_dir.is_dir():
         print(f"cacs-node score: {dicom_dir} is not a folder. Give the folder of the CT series.", file=sys.stderr)

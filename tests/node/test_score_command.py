@@ -226,3 +226,25 @@ def test_score_two_equal_series_names_series_uid_option(tmp_path: Path, capsys: 
     assert str(first[0].SeriesInstanceUID) in error
     assert str(second[0].SeriesInstanceUID) in error
     assert error.endswith("; pass --series-uid UID to choose one\n")
+
+
+def test_score_model_default_loads_shipped_model(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import scoring.inference
+
+    requested: list[object] = []
+
+    def record_request(path, device):
+        requested.append(path)
+        raise scoring.inference.ModelError("stopped after the request was recorded")
+
+    monkeypatch.setattr(scoring.inference, "load_model", record_request)
+    dicom_dir, _, _ = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--model", "default", "--device", "cpu"])
+
+    assert status == 3
+    assert requested == [None]
+    assert "stopped after the request was recorded" in capsys.readouterr().err

@@ -276,3 +276,17 @@ def test_evaluate_command_repeated_model_name_exits_2(tmp_path: Path, capsys):
                    "--phantom-seeds", "2000", "--phantom-slices", "2"])
     assert status == 2
     assert "model name best is given more than once" in capsys.readouterr().err
+
+
+def test_evaluate_command_json_over_default_model_exits_2(tmp_path: Path, capsys, monkeypatch):
+    import scoring.inference
+    from node.cli import main
+
+    shipped = _saved_model(tmp_path / "shipped.pt")
+    before = shipped.read_bytes()
+    monkeypatch.setattr(scoring.inference, "default_model_path", lambda: shipped)
+    status = main(["evaluate", "--json", str(shipped), "--phantom-seeds", "2000",
+                   "--phantom-slices", "2"])
+    assert status == 2
+    assert "is also an input of this command; give a new path" in capsys.readouterr().err
+    assert shipped.read_bytes() == before
