@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
             if error.name != f"node.commands.{module_name}":
                 raise
             continue
-        subparser = subparsers.add_parser(name, help=module.HELP, description=module.HELP, parents=[common])
+        subparser = subparsers.add_parser(
+            name, help=module.HELP, description=module.HELP, parents=[common],
+            epilog=getattr(module, "EPILOG", None),
+        )
         module.configure(subparser)
         subparser.set_defaults(run=module.run)
     return parser

@@ -42,6 +42,12 @@ from scoring.model import build_model, predict_labels, prepare_input
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
 
+#: Most validation crops of 256² (or the same area in larger crops) a run holds in
+#: memory: 2 GiB of prepared input at VALIDATION_CROP_BYTES each.
+MAX_VALIDATION_CROPS = 4096
+#: Bytes of one prepared 256² validation crop: 2 float32 channels.
+VALIDATION_CROP_BYTES = 2 * 256 * 256 * 4
+
 #: HU above which a pixel counts as body when placing crops (as in scoring.inference).
 BODY_THRESHOLD_HU = -500.0
 
@@ -246,6 +252,13 @@ class TrainingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        crops_of_256 = self.validation_crops * (self.crop_size // 256) ** 2
+        if self.validation == "crops" and crops_of_256 > MAX_VALIDATION_CROPS:
+            raise ValueError(
+                f"{self.validation_crops} validation crops of {self.crop_size}² would hold "
+                f"{crops_of_256 * VALIDATION_CROP_BYTES / 2**30:.1f} GiB in memory; use at most "
+                f"{MAX_VALIDATION_CROPS:,} crops of 256² or the same area in larger crops"
+            )
 
     @property
     def model_name(self) -> str:
@@ -854,8 +867,6 @@ def train(
     Returns the outcome with the best validation micro-F1 and its epoch.
     Raises ValueError for bad settings or data, CheckpointError for a bad checkpoint.
     """
-    if resume is not None and continue_from is not None:
-        raise ValueError("use either resume (an interrupted run) or continue_from, not both")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     distributed, device = _start_distributed(config.device)
@@ -874,9 +885,8 @@ def train(
     generator = np.random.default_rng([config.seed, distributed.rank])
     training_state = None
 
+    source = starting_checkpoint(config, resume=resume, continue_from=continue_from)
     if continue_from is not None:
-        source = checkpoint_module.load_checkpoint(continue_from)
-        _check_architecture(source, config)
         module.network.load_state_dict(source.state_dict)
         weighting_state = (source.training_state or {}).get("weighting")
         if weighting_state and module.weighting is not None:
@@ -884,27 +894,8 @@ def train(
         learning_rate = config.continue_learning_rate
         logger.info("continue training from %s at learning rate %g", continue_from, learning_rate)
     if resume is not None:
-        source = checkpoint_module.load_checkpoint(resume)
-        _check_architecture(source, config)
-        if source.training_state is None:
-            raise checkpoint_module.CheckpointError(
-                f"{resume} contains no training state (an exported model); use --continue-from"
-            )
         module.network.load_state_dict(source.state_dict)
         training_state = source.training_state
-        resumed_weighting = training_state.get("config", {}).get("weighting", config.weighting)
-        if resumed_weighting != config.weighting:
-            raise ValueError(
-                f"{resume} was trained with {resumed_weighting} weighting, not "
-                f"{config.weighting}; resume with --weighting {resumed_weighting}"
-            )
-        resumed_decay = float(training_state.get("config", {}).get("ema_decay", 0.0))
-        if resumed_decay != config.ema_decay:
-            raise ValueError(
-                f"{resume} was trained with EMA decay {resumed_decay:g}, not "
-                f"{config.ema_decay:g}; resume with --ema-decay {resumed_decay:g}, or start a "
-                "new run from its weights with --continue-from"
-            )
         if module.weighting is not None and training_state.get("weighting"):
             module.weighting.load_state_dict(training_state["weighting"])
         learning_rate = float(training_state["initial_learning_rate"])
@@ -1134,6 +1125,52 @@ def _carry_best_checkpoint(resume: Path, output_dir: Path, is_main: bool) -> Non
         return
     atomic_write_bytes(target, source.read_bytes())
     logger.info("copied %s to %s", source, target)
+
+
+def starting_checkpoint(
+    config: TrainingConfig, *, resume: Path | None = None, continue_from: Path | None = None
+) -> checkpoint_module.Checkpoint | None:
+    """Load the checkpoint a run starts from and check that it fits `config`.
+
+    Cheap next to the generation of training data, so `cacs-node train` calls
+    it first. Returns None for a run from random weights. Raises ValueError
+    for settings the checkpoint contradicts, CheckpointError for a bad file.
+    """
+    if resume is not None and continue_from is not None:
+        raise ValueError("use either resume (an interrupted run) or continue_from, not both")
+    path = resume if resume is not None else continue_from
+    if path is None:
+        return None
+    source = checkpoint_module.load_checkpoint(path)
+    _check_architecture(source, config)
+    if resume is None:
+        return source
+    state = source.training_state
+    if state is None:
+        raise checkpoint_module.CheckpointError(
+            f"{resume} contains no training state (an exported model); use --continue-from"
+        )
+    resumed_config = state.get("config", {})
+    resumed_weighting = resumed_config.get("weighting", config.weighting)
+    if resumed_weighting != config.weighting:
+        raise ValueError(
+            f"{resume} was trained with {resumed_weighting} weighting, not "
+            f"{config.weighting}; resume with --weighting {resumed_weighting}"
+        )
+    resumed_decay = float(resumed_config.get("ema_decay", 0.0))
+    if resumed_decay != config.ema_decay:
+        raise ValueError(
+            f"{resume} was trained with EMA decay {resumed_decay:g}, not "
+            f"{config.ema_decay:g}; resume with --ema-decay {resumed_decay:g}, or start a "
+            "new run from its weights with --continue-from"
+        )
+    reached = int(state.get("epoch", 0))
+    if reached >= config.epochs:
+        raise ValueError(
+            f"{resume} has already trained {reached} epoch{'' if reached == 1 else 's'}, so "
+            f"--epochs {config.epochs} leaves nothing to do; give --epochs above {reached}"
+        )
+    return source
 
 
 def _check_architecture(source: checkpoint_module.Checkpoint, config: TrainingConfig) -> None:

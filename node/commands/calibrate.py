@@ -16,6 +16,10 @@ HELP = (
 )
 
 
+#: Most lesion thresholds one calibration tries.
+MAX_THRESHOLDS = 1000
+
+
 def parse_thresholds(text: str) -> list[float]:
     """Parse "START:STOP:STEP" (STOP included when a step lands on it) or a list such as 0.6,0.7."""
     try:
@@ -30,6 +34,11 @@ def parse_thresholds(text: str) -> list[float]:
             # The margin keeps STOP when floating-point rounding leaves
             # (STOP − START) / STEP just below a whole number.
             count = math.floor((stop - start) / step + 1e-9) + 1
+            if count > MAX_THRESHOLDS:
+                raise argparse.ArgumentTypeError(
+                    f"thresholds {text!r} name {count:,} values; each is scored on every "
+                    f"validation voxel, so give at most {MAX_THRESHOLDS:,} (a larger STEP)"
+                )
             values = [round(start + step * index, 6) for index in range(count)]
         else:
             values = [float(part) for part in text.split(",")]
@@ -37,6 +46,10 @@ def parse_thresholds(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"invalid thresholds {text!r}: expected START:STOP:STEP or a list such as 0.6,0.7"
         ) from None
+    if len(values) > MAX_THRESHOLDS:
+        raise argparse.ArgumentTypeError(
+            f"thresholds {text!r} name {len(values):,} values; give at most {MAX_THRESHOLDS:,}"
+        )
     if not all(0.0 < value < 1.0 for value in values):
         raise argparse.ArgumentTypeError(
             f"invalid thresholds {text!r}: each must lie strictly between 0 and 1"

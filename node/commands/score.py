@@ -15,6 +15,11 @@ HELP = (
     "category and CAC-DRS, from a label map or the segmentation model"
 )
 
+EPILOG = (
+    "exit status: 0 scored; 2 the series, the label map, node.toml or an option cannot be "
+    "used; 3 the segmentation model cannot be loaded or run; 130 interrupted"
+)
+
 #: Exit status for an input that cannot be scored: the series, the label map or node.toml.
 EXIT_INPUT_ERROR = 2
 

@@ -248,8 +248,16 @@ def run(args: argparse.Namespace) -> int:
         problem = output_file_problem(
             args.export, [args.resume, args.continue_from, *run_files]
         )
+    if problem is None:
+        problem = _shared_folder_problem(args.data, args.validation_data)
     if problem is not None:
         print(f"cacs-node train: {problem}", file=sys.stderr)
+        return 2
+    # The starting checkpoint is checked before the data, whose generation takes minutes.
+    try:
+        training.starting_checkpoint(config, resume=args.resume, continue_from=args.continue_from)
+    except (CheckpointError, ValueError) as error:
+        print(f"cacs-node train: {error}", file=sys.stderr)
         return 2
     phantom_options = {}
     if args.phantom_slices is not None:
@@ -333,6 +341,23 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"exported model {version} to {args.export}")
     return 0
+
+
+def _shared_folder_problem(data: Path | None, validation_data: Path | None) -> str | None:
+    """Describe why --data and --validation-data overlap, or return None.
+
+    Series in both sets would make the validation F1 a training score.
+    """
+    if data is None or validation_data is None:
+        return None
+    training_folder, validation_folder = data.resolve(), validation_data.resolve()
+    if training_folder == validation_folder:
+        return (f"--data and --validation-data name the same folder {data}; validate on "
+                "series the model does not train on")
+    if training_folder in validation_folder.parents or validation_folder in training_folder.parents:
+        return (f"--data {data} and --validation-data {validation_data} lie one inside the "
+                "other, so series could be in both sets; give separate folders")
+    return None
 
 
 def _describe_data(train_seeds, validation_seeds, args: argparse.Namespace) -> str:

@@ -86,3 +86,12 @@ def test_main_interrupted_exits_130(monkeypatch, capsys):
     monkeypatch.setattr(node.cli, "_run", interrupted)
     assert main(["status"]) == 130
     assert capsys.readouterr().err == "cacs-node: interrupted\n"
+
+
+def test_score_help_lists_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["score", "--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 scored; 2 the series" in text
+    assert "3 the segmentation model cannot be loaded or run; 130 interrupted" in text

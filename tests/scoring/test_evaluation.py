@@ -129,6 +129,18 @@ def test_parse_thresholds_range_and_list():
         parse_thresholds("0.5:0.9")
 
 
+def test_parse_thresholds_caps_the_count():
+    import argparse
+
+    from node.commands.calibrate import parse_thresholds
+
+    assert len(parse_thresholds("0.001:0.999:0.001")) == 999
+    with pytest.raises(argparse.ArgumentTypeError, match="name 45,001 values; .* at most 1,000"):
+        parse_thresholds("0.5:0.95:0.00001")
+    with pytest.raises(argparse.ArgumentTypeError, match="name 1,001 values; give at most 1,000"):
+        parse_thresholds(",".join(["0.5"] * 1001))
+
+
 def test_calibrate_command_writes_calibrated_copy(tmp_path: Path, capsys):
     from node.cli import main
 

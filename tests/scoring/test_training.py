@@ -730,3 +730,62 @@ def test_train_command_export_fp16_alone_exits_2(tmp_path: Path, capsys):
     assert main(["train", str(tmp_path / "run"), *_TINY_RUN, "--export-fp16"]) == 2
     assert "--export-fp16 needs --export PATH" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_command_checks_resume_before_generating_data(tmp_path: Path, capsys, monkeypatch):
+    from node.cli import main
+
+    generated = []
+    monkeypatch.setattr(training, "phantom_cases", lambda *args, **kwargs: generated.append(args))
+    missing = tmp_path / "missing" / "last.pt"
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN, "--resume", str(missing)]) == 2
+    assert f"model checkpoint {missing} not found" in capsys.readouterr().err
+    assert generated == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_command_resume_with_epochs_reached_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN]) == 0
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    assert main(["train", str(tmp_path / "run"), *_TINY_RUN, "--resume", str(last)]) == 2
+    assert (
+        "has already trained 1 epoch, so --epochs 1 leaves nothing to do; give --epochs above 1"
+        in capsys.readouterr().err
+    )
+    assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("validation", "message"),
+    [
+        ("cases", "--data and --validation-data name the same folder"),
+        ("cases/held-out", "lie one inside the other, so series could be in both sets"),
+    ],
+)
+def test_train_command_overlapping_data_folders_exit_2(
+    tmp_path: Path, capsys, validation: str, message: str
+):
+    from node.cli import main
+
+    (tmp_path / "cases" / "held-out").mkdir(parents=True)
+    arguments = [
+        "train", str(tmp_path / "run"), "--data", str(tmp_path / "cases"),
+        "--validation-data", str(tmp_path / validation), "--device", "cpu",
+    ]
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_config_caps_validation_crops():
+    assert training.TrainingConfig(validation_crops=4096).validation_crops == 4096
+    assert training.TrainingConfig(validation_crops=1024, crop_size=512).crop_size == 512
+    # Whole validation volumes hold no crops, so the count does not matter there.
+    assert training.TrainingConfig(validation_crops=10**6, validation="volumes").validation_crops == 10**6
+    with pytest.raises(ValueError, match=r"4097 validation crops of 256² would hold 2\.0 GiB"):
+        training.TrainingConfig(validation_crops=4097)
+    with pytest.raises(ValueError, match=r"1025 validation crops of 512² would hold 2\.0 GiB"):
+        training.TrainingConfig(validation_crops=1025, crop_size=512)
