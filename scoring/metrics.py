@@ -406,7 +406,8 @@ def format_agreement_table(report: EvaluationReport) -> str:
     """
     width = 6
     lines = [
-        f"Risk categories, {report.model} (rows: reference, columns: model), {report.scans} scans",
+        f"Risk categories, {report.model} (rows: reference, columns: model), {report.scans} "
+        f"scan{'' if report.scans == 1 else 's'}",
         f"{'':>8}" + "".join(f"{category:>{width}}" for category in RISK_CATEGORIES),
     ]
     for row_index, category in enumerate(RISK_CATEGORIES):

@@ -134,6 +134,13 @@ def test_evaluate_scans_pools_counts_and_formats_tables():
     assert "0.800" in table  # voxel F1 = 2·2 / (2·2 + 0 + 1)
     agreement = metrics.format_agreement_table(report)
     assert "Linearly weighted Cohen's kappa: 1.000" in agreement
+    assert "(rows: reference, columns: model), 2 scans" in agreement
+
+
+def test_agreement_table_counts_one_scan_in_the_singular():
+    report = metrics.evaluate_scans("single", [_scan("a", 2, 3, ("II", "II"))])
+    first = metrics.format_agreement_table(report).splitlines()[0]
+    assert first == "Risk categories, single (rows: reference, columns: model), 1 scan"
 
 
 def test_detection_table_widens_for_long_model_names():
