@@ -153,6 +153,8 @@ class ScoringSection:
         GPU), "torch", or "onnx". ONNX Runtime was about 2.5 times faster than
         torch on 2 cores with identical labels on the phantom benchmark
         (default "auto").
+    threads: CPU threads the model uses; 0 leaves the choice to torch, one
+        per core (default 0).
     """
 
     model_path: Path | None = None
@@ -165,6 +167,7 @@ class ScoringSection:
     mass_calibration_factor: float = DEFAULT_MASS_CALIBRATION_FACTOR
     write_region_seg: bool = False
     runtime: str = "auto"
+    threads: int = 0
 
     def protocol_policy(self) -> ProtocolPolicy:
         """Build the ProtocolPolicy that `scoring.series.load_series` applies."""
@@ -204,6 +207,11 @@ def uid_root_problem(root: str) -> str:
 
 #: Host names and addresses under which a node bound to all interfaces receives its own associations.
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def names_shipped_model(text: str | None) -> bool:
+    """Return whether a model setting or option names the shipped model: unset, empty or "default"."""
+    return text is None or text.strip() in ("", "default")
 
 
 def settings_warnings(settings: NodeSettings) -> list[str]:
@@ -559,11 +567,11 @@ class _Validator:
         self._check_keys(where, table, set(ScoringSection.__dataclass_fields__))
 
         model = self._value(where, table, "model_path", "", "str")
-        model_path = self._path(model) if model.strip() else None
+        model_path = None if names_shipped_model(model) else self._path(model)
         if model_path is not None and not model_path.is_file():
             self.problems.append(
                 f"{where}model_path = {model!r}: no file at {model_path}; give an existing model file "
-                'or "" for the model shipped with cacs-node'
+                'or "" (or "default") for the model shipped with cacs-node'
             )
 
         device = self._value(where, table, "device", defaults.device, "str")
@@ -582,10 +590,15 @@ class _Validator:
         runtime = self._value(where, table, "runtime", defaults.runtime, "str")
         if runtime not in ("auto", "torch", "onnx"):
             self.problems.append(f'{where}runtime = {runtime!r}: allowed values are "auto", "torch" or "onnx"')
-        elif runtime == "onnx" and device != "cpu":
+        elif runtime == "onnx" and device not in ("cpu", "auto"):
             self.problems.append(
                 f'{where}runtime = "onnx" runs on the CPU only, but device = {device!r}; '
-                'set device = "cpu", or runtime = "auto" to use ONNX Runtime only on the CPU'
+                'set device = "cpu" or "auto", or runtime = "auto" to use ONNX Runtime only on the CPU'
+            )
+        threads = self._value(where, table, "threads", defaults.threads, "int")
+        if threads < 0:
+            self.problems.append(
+                f"{where}threads = {threads}: give 0 to let torch choose (one per core) or a positive count"
             )
         return ScoringSection(
             model_path=model_path,
@@ -594,5 +607,6 @@ class _Validator:
             mass_calibration_factor=factor,
             write_region_seg=region_seg,
             runtime=runtime,
+            threads=threads,
             **policies,
         )

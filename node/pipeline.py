@@ -40,6 +40,7 @@ class ScoredSeries:
     regions: np.ndarray | None
     result: ScoringResult
     model_version: str
+    model_caution: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,22 +120,32 @@ class ScoringPipeline:
         self.runtime: str | None = None
 
     def _loaded_model(self) -> Any:
-        from scoring.inference import load_model
+        from scoring.inference import device_for_runtime, load_model
 
         with self._model_lock:
             if self._model is None:
                 scoring = self.settings.scoring
-                self._model = load_model(scoring.model_path, device=scoring.device)
+                device = device_for_runtime(scoring.device, scoring.runtime)
+                if scoring.threads:
+                    import torch
+
+                    # ONNX Runtime sessions take the same count (see scoring.inference).
+                    torch.set_num_threads(scoring.threads)
+                self._model = load_model(scoring.model_path, device=device)
                 logger.info(
                     "model loaded from %s on device %s, version %s",
                     scoring.model_path or "the shipped default",
-                    scoring.device,
+                    device,
                     _version_of(self._model),
                 )
             return self._model
 
     def model_version(self) -> str:
         return _version_of(self._loaded_model())
+
+    def model_caution(self) -> str | None:
+        """Return the loaded model's restriction of use (see `LoadedModel.caution`), or None."""
+        return getattr(self._loaded_model(), "caution", None)
 
     def check_model(self) -> str:
         """Load the configured model, prepare its runtime and the writers now; return the model version.
@@ -171,7 +182,7 @@ class ScoringPipeline:
             # Each job is one series, so describe what this series contained instead of the loader's general advice.
             raise NoEligibleSeriesError(f"{describe_instances(paths)}; {error}") from error
         segmentation = segment_volume(
-            volume, model=self._loaded_model(), device=scoring.device, runtime=scoring.runtime
+            volume, model=self._loaded_model(), runtime=scoring.runtime
         )
         result = score_volume(volume, segmentation.labels, scoring.scoring_parameters())
         return ScoredSeries(
@@ -180,6 +191,7 @@ class ScoringPipeline:
             regions=getattr(segmentation, "regions", None),
             result=result,
             model_version=str(segmentation.model_version),
+            model_caution=getattr(segmentation, "model_caution", None),
         )
 
     def write(self, scored: ScoredSeries, out_dir: Path, predecessor: Dataset | None) -> list[WrittenOutput]:
@@ -187,7 +199,8 @@ class ScoringPipeline:
         from sr_writer import AlgorithmIdentification, write_outputs
 
         algorithm = AlgorithmIdentification(
-            name="cacs-node", version=scoring.__version__, model_version=scored.model_version
+            name="cacs-node", version=scoring.__version__, model_version=scored.model_version,
+            model_caution=scored.model_caution,
         )
         regions = scored.regions if self.settings.scoring.write_region_seg else None
         derived = write_outputs(

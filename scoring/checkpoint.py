@@ -147,6 +147,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     format, names an unknown architecture, or its weights do not match the hash.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"model checkpoint {path} is a folder; pass the path of a .pt file "
+                              "written by `cacs-node train`, such as the run's best.pt")
     if not path.is_file():
         raise CheckpointError(f"model checkpoint {path} not found; pass the path of a .pt file "
                               "written by `cacs-node train`")

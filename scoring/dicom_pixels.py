@@ -161,10 +161,12 @@ def decode_stored_values(dataset: Dataset, name: str) -> np.ndarray:
     try:
         pixels = dataset.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError) as error:
+        advice = "check that the file is complete"
+        if transfer_syntax not in NATIVE_TRANSFER_SYNTAXES:
+            advice += " and that pylibjpeg and its plugins are installed"
         raise PixelDataError(
             f"{name}: decoding pixel data with transfer syntax {UID(transfer_syntax).name} "
-            f"failed ({error}); check that the file is complete and that pylibjpeg and its "
-            "plugins are installed"
+            f"failed ({error}); {advice}"
         ) from error
     return np.asarray(pixels).reshape(frames, int(dataset.Rows), int(dataset.Columns))
 

@@ -67,7 +67,7 @@ def folder_evaluation_cases(root: Path) -> list[EvaluationCase]:
                 f"case {case_dir} lacks a label map: expected one of {', '.join(LABEL_MAP_NAMES)}"
             )
         volume = load_series(case_dir / "dicom")
-        labels = read_label_map(label_path, volume)
+        labels = read_label_map(label_path, volume, calcium=True)
         region_path = _first_existing(case_dir, REGION_MAP_NAMES)
         regions = None
         if region_path is not None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scoring.checkpoint import CheckpointError, load_checkpoint
+from scoring.checkpoint import CheckpointError, load_checkpoint, model_version
 from scoring.model import (
     SIZE_MULTIPLE,
     check_lesion_threshold,
@@ -70,7 +70,8 @@ class ModelError(RuntimeError):
 class LoadedModel:
     """A network in eval mode on its device, with the metadata of its checkpoint.
 
-    model_version: "<model name>-<first 12 hex digits of the weights' SHA-256>".
+    model_version: "<model name>-<first 12 hex digits of the weights' SHA-256>", then
+        "-t<threshold>" when a lesion threshold decides; computed on loading.
     """
 
     network: nn.Module
@@ -85,6 +86,13 @@ class LoadedModel:
         """CAC probability above which a pixel is a lesion (metadata "lesion_threshold");
         None for the argmax rule."""
         return self.metadata.get("lesion_threshold")
+
+    @property
+    def caution(self) -> str | None:
+        """The restriction of use the checkpoint states, such as training on
+        synthetic data only (metadata "synthetic_only"); None when it states none."""
+        text = str(self.metadata.get("synthetic_only") or "").strip()
+        return text or None
 
 
 @dataclass(frozen=True)
@@ -110,12 +118,14 @@ class Segmentation:
     regions: uint8 CAR classes in volume shape, 0 OTHER_CAR, 1 LAD, 2 LCX, 3 RCA.
     model_version: version string of the model that produced them.
     body_window: (top, left, size_rows, size_columns) of the window the network saw.
+    model_caution: the model's restriction of use (`LoadedModel.caution`), or None.
     """
 
     labels: np.ndarray
     regions: np.ndarray
     model_version: str
     body_window: tuple[int, int, int, int]
+    model_caution: str | None = None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -171,14 +181,23 @@ def load_model(
         raise ModelError(str(error)) from error
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network = checkpoint.build_network().to(resolved_device, memory_format=memory_format)
-    version = checkpoint.metadata.get("model_version") or (
-        f"{checkpoint.architecture}-{checkpoint.weights_sha256[:12]}"
-    )
     try:
         check_lesion_threshold(checkpoint.metadata.get("lesion_threshold"))
     except ValueError as error:
         raise ModelError(f"{checkpoint_path}: {error}") from error
     threshold = checkpoint.metadata.get("lesion_threshold")
+    # Reports carry the version, so it comes from the weights and the threshold
+    # that decide, never from a stored string that an edit could leave behind.
+    version = model_version(
+        str(checkpoint.metadata.get("model_name", checkpoint.architecture)),
+        checkpoint.state_dict, threshold,
+    )
+    stored = checkpoint.metadata.get("model_version")
+    if stored is not None and stored != version:
+        logger.warning(
+            "%s names itself model %s, but its weights and lesion threshold make it %s; "
+            "reports use %s", checkpoint_path, stored, version, version,
+        )
     logger.info(
         "loaded model %s (%s) from %s on %s, lesion decision %s",
         version, checkpoint.architecture, checkpoint_path, resolved_device,
@@ -298,6 +317,15 @@ def resolve_runtime(loaded: LoadedModel, runtime: str) -> str:
     return runtime
 
 
+def device_for_runtime(device: str, runtime: str) -> str:
+    """Return the device to load a model on for `runtime`.
+
+    ONNX Runtime runs on the CPU only, so with runtime "onnx" the device "auto"
+    means the CPU. Any other device or runtime is returned unchanged.
+    """
+    return "cpu" if runtime == "onnx" and device == "auto" else device
+
+
 def prepare_runtime(loaded: LoadedModel, runtime: str = "auto") -> str:
     """Resolve `runtime` and do its one-time work now (the ONNX export); return the runtime used.
 
@@ -407,7 +435,7 @@ def segment_volume(
         volume.series_instance_uid, hu.shape[0], window[2], window[3],
         time.perf_counter() - started, loaded.device, loaded.model_version,
     )
-    return Segmentation(labels, regions, loaded.model_version, window)
+    return Segmentation(labels, regions, loaded.model_version, window, loaded.caution)
 
 
 def predict_array(

@@ -49,6 +49,10 @@ POSITION_TOLERANCE_VOXELS = 0.1
 #: maps to, about 0.08° of rotation.
 DIRECTION_TOLERANCE = 1e-6
 
+#: SNOMED CT code of the segment category "Anatomical Structure" (CID 7150),
+#: which region SEGs use; calcium segments are "Morphologically Abnormal Structure".
+ANATOMICAL_STRUCTURE_CODE = "123037004"
+
 #: SNOMED CT anatomic region codes (as in pydicom's code dictionary) → label.
 #: The left main (LM) belongs to the LAD subtree. Calcium of the aorta and the
 #: aortic and mitral valves is non-coronary calcium (OTHER_CALCIUM).
@@ -122,13 +126,16 @@ def write_label_map(path: str | Path, labels: np.ndarray, volume: CTVolume) -> P
     return path
 
 
-def read_label_map(path: str | Path, volume: CTVolume) -> np.ndarray:
+def read_label_map(path: str | Path, volume: CTVolume, *, calcium: bool = False) -> np.ndarray:
     """Read a label map for `volume` and return it as uint8 in volume order.
 
     Parameters:
         path: an NRRD or NIfTI file in the series geometry, or a DICOM SEG
             file that references the series.
         volume: the series the labels belong to.
+        calcium: the caller needs calcium labels, so a DICOM SEG of coronary
+            artery regions (segment category Anatomical Structure, as the
+            node's region SEG has) is refused instead of read as calcium.
 
     Returns:
         uint8 array of `volume.shape`. NRRD and NIfTI values are returned as
@@ -145,7 +152,7 @@ def read_label_map(path: str | Path, volume: CTVolume) -> np.ndarray:
     if not path.is_file():
         raise LabelError(f"label map {path} not found. Give an NRRD, NIfTI or DICOM SEG file.")
     if _is_dicom_file(path):
-        return _read_seg(path, volume)
+        return _read_seg(path, volume, calcium)
     _check_suffix(path)
     return _read_image(path, volume)
 
@@ -274,7 +281,7 @@ def _as_label_values(array: np.ndarray, path: Path) -> np.ndarray:
 # DICOM SEG
 
 
-def _read_seg(path: Path, volume: CTVolume) -> np.ndarray:
+def _read_seg(path: Path, volume: CTVolume, calcium: bool = False) -> np.ndarray:
     import highdicom as hd
 
     try:
@@ -292,6 +299,8 @@ def _read_seg(path: Path, volume: CTVolume) -> np.ndarray:
     except (ValueError, AttributeError, KeyError, TypeError) as error:
         raise LabelError(f"DICOM SEG {path} is invalid: {error}") from error
 
+    if calcium:
+        _refuse_region_segments(segmentation, path)
     segment_labels = _segment_artery_labels(segmentation, path)
     segment_numbers = list(segment_labels)
     try:
@@ -356,6 +365,19 @@ def _check_seg_references(dataset: pydicom.Dataset, path: Path, volume: CTVolume
             f"{volume.series_instance_uid} does not contain, for example {unknown[0]}. "
             "The series may be incomplete."
         )
+
+
+def _refuse_region_segments(segmentation, path: Path) -> None:
+    """Raise LabelError when a segment of the SEG is an anatomical structure, not calcium."""
+    for number in segmentation.segment_numbers:
+        description = segmentation.get_segment_description(number)
+        category = description.segmented_property_category
+        if category.value == ANATOMICAL_STRUCTURE_CODE and category.scheme_designator in ("SCT", "SRT"):
+            raise LabelError(
+                f"DICOM SEG {path} segments anatomy, not calcium: segment {number} "
+                f"({description.segment_label!r}) has category {category.meaning!r}. Give the "
+                "calcium SEG, whose segments are calcifications"
+            )
 
 
 def _segment_artery_labels(segmentation, path: Path) -> dict[int, int]:

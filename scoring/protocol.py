@@ -86,6 +86,10 @@ def _text_attribute(header: Dataset, keyword: str) -> str:
 def contrast_evidence(header: Dataset) -> str | None:
     """Return a description of the contrast agent recorded in an instance, None when none is recorded.
 
+    TODO(#2): only the header is read. A contrast series whose header records
+    no agent is scored: a CT angiogram converted without the Contrast/Bolus
+    module scored 184.5 (risk III). A check of the blood-pool HU would catch it.
+
     Each attribute is read at the top level or, for multi-frame instances, in
     the functional groups of the first frame (`instance_attribute`).
     """

@@ -42,7 +42,7 @@ from scoring.model import build_model, predict_labels, prepare_input
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.volume import PADDING_HU
 
-#: Most validation crops of 256² (or the same area in larger crops) a run holds in
+#: Most validation crops of 256² (or the same area in larger crops) a run keeps in
 #: memory: 2 GiB of prepared input at VALIDATION_CROP_BYTES each.
 MAX_VALIDATION_CROPS = 4096
 #: Bytes of one prepared 256² validation crop: 2 float32 channels.
@@ -364,7 +364,7 @@ def folder_cases(root: Path) -> list[TrainingCase]:
                 f"{', '.join(LABEL_MAP_NAMES)} and one of {', '.join(REGION_MAP_NAMES)}"
             )
         volume = load_series(case_dir / "dicom")
-        labels = read_label_map(label_path, volume)
+        labels = read_label_map(label_path, volume, calcium=True)
         annotation = read_label_map(region_path, volume)
         if region_path.suffix == ".dcm":
             # read_label_map gives artery values 1–3 and 4 for an OTHER segment.

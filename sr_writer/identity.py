@@ -104,6 +104,11 @@ _UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 MAX_UID_ROOT_LENGTH = 40
 
 
+#: Maximum length of a model caution. The SEG's Algorithm Parameters (LT) and
+#: the SR's TEXT items carry it in full.
+MAX_CAUTION_LENGTH = 512
+
+
 @dataclass(frozen=True)
 class AlgorithmIdentification:
     """Name and versions of the software that produced a result.
@@ -112,11 +117,15 @@ class AlgorithmIdentification:
     version: software version (Algorithm Version, Software Versions).
     model_version: version of the segmentation model weights, for example
         the shipped model's version string; written as an algorithm parameter.
+    model_caution: the model's restriction of use, for example that it was
+        trained on synthetic data only. It is written as an algorithm parameter
+        and on the summary image. None when the model states none.
     """
 
     name: str = "cacs-node"
     version: str = scoring.__version__
     model_version: str = "unknown"
+    model_caution: str | None = None
 
     def __post_init__(self) -> None:
         # Each value goes into LO elements (64 characters, no backslash);
@@ -129,6 +138,15 @@ class AlgorithmIdentification:
                     f"algorithm {field_name} {value!r} is invalid; expected a non-empty text of at "
                     f"most {limit} characters without a backslash"
                 )
+        caution = self.model_caution
+        if caution is not None and (
+            not isinstance(caution, str) or not caution.strip()
+            or len(caution) > MAX_CAUTION_LENGTH or "\\" in caution
+        ):
+            raise ValueError(
+                f"model caution {caution!r} is invalid; expected a non-empty text of at most "
+                f"{MAX_CAUTION_LENGTH} characters without a backslash"
+            )
 
     @property
     def short_version(self) -> str:

@@ -309,7 +309,10 @@ def _algorithm_sequence(algorithm: AlgorithmIdentification) -> hd.AlgorithmIdent
         family=codes.ARTIFICIAL_INTELLIGENCE,
         version=algorithm.version,
         source=_MANUFACTURER,
-        parameters={"model_version": algorithm.model_version},
+        parameters={
+            "model_version": algorithm.model_version,
+            **({"model_caution": algorithm.model_caution} if algorithm.model_caution else {}),
+        },
     )
 
 

@@ -101,7 +101,10 @@ def build_sr(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name,
         version=algorithm.version,
-        parameters=[f"model version {algorithm.model_version}"],
+        parameters=[
+            f"model version {algorithm.model_version}",
+            *([f"model caution: {algorithm.model_caution}"] if algorithm.model_caution else []),
+        ],
         manufacturer=_MANUFACTURER,
     )
 

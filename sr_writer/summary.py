@@ -63,6 +63,8 @@ PANEL_HEIGHT = 0.43
 #: Lowest top edge, as a fraction of the page height, of a findings line:
 #: below it the slice panels and their titles begin.
 FINDINGS_BOTTOM = 0.53
+#: Top of the findings column when no model caution pushes it down.
+FINDINGS_TOP = 0.84
 
 #: Height of a 12-point findings line as a fraction of the page height.
 _LINE_STEP = (12 + 8) / 960
@@ -146,7 +148,9 @@ def build_summary_image(
     image.BurnedInAnnotation = "YES"
     # Workstation: the page is rendered by software, not digitised.
     image.ConversionType = "WSD"
-    image.ImageComments = "Automatically generated calcium score summary; not verified by a physician"
+    image.ImageComments = "Automatically generated calcium score summary; not verified by a physician" + (
+        f"; model: {algorithm.model_caution}" if algorithm.model_caution else ""
+    )
     image.ManufacturerModelName = algorithm.name
     image.SoftwareVersions = [algorithm.version, f"model {algorithm.model_version}"]
     image.DeviceSerialNumber = device_serial_number
@@ -195,9 +199,9 @@ def render_summary(
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor=_BACKGROUND)
     canvas = FigureCanvasAgg(figure)
 
-    _draw_header(figure, volume.headers[0], algorithm)
+    findings_top = _draw_header(figure, volume.headers[0], algorithm)
     _draw_score_table(figure, result)
-    _draw_findings(figure, result)
+    _draw_findings(figure, result, findings_top)
     _draw_slices(figure, volume, scored, shown_slices)
 
     canvas.draw()
@@ -205,7 +209,8 @@ def render_summary(
     return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
 
 
-def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> None:
+def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> float:
+    """Draw the title, patient, study and warning lines; return the top of the findings column."""
     figure.text(0.02, 0.965, "Coronary artery calcium score", color=_TEXT, fontsize=22, weight="bold", va="top")
     patient = _drawable(
         f"{_display_name(header.get('PatientName'))}   ID {header.get('PatientID') or '-'}   "
@@ -222,6 +227,17 @@ def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentifica
     figure.text(0.52, 0.925, "A physician must review these results before clinical use.", color=_WARNING, fontsize=12, va="top")
     software = textwrap.shorten(f"{algorithm.name} {algorithm.version}, model {algorithm.model_version}", width=70)
     figure.text(0.52, 0.895, _drawable(software), color=_WARNING, fontsize=12, va="top")
+    top = FINDINGS_TOP
+    if algorithm.model_caution:
+        # The whole caution in at most three lines; the SEG and SR carry it in full too.
+        wrapped = textwrap.wrap(f"Model: {algorithm.model_caution}", width=62)
+        if len(wrapped) > 3:
+            wrapped = wrapped[:2] + [textwrap.shorten(" ".join(wrapped[2:]), width=62, placeholder=" …")]
+        y = 0.895 - _LINE_STEP
+        for line in wrapped:
+            y = _draw_line(figure, y, line, 12, "bold", _WARNING)
+        top = min(top, y - _LINE_STEP / 2)
+    return top
 
 
 def _draw_score_table(figure: Figure, result: ScoringResult) -> None:
@@ -263,7 +279,7 @@ def _draw_score_table(figure: Figure, result: ScoringResult) -> None:
             cell.get_text().set_weight("bold")
 
 
-def _draw_findings(figure: Figure, result: ScoringResult) -> None:
+def _draw_findings(figure: Figure, result: ScoringResult, top: float) -> None:
     calibration = "scanner calibration" if result.mass_calibrated else "default factor, NOT calibrated"
     lines = [
         (f"Risk category {_RISK_TEXT.get(result.risk_category, result.risk_category)}", 16, "bold", _TEXT),
@@ -278,7 +294,7 @@ def _draw_findings(figure: Figure, result: ScoringResult) -> None:
         messages.append("Mass computed with the default calibration factor, not the scanner's own.")
     lines.append(("Protocol flags:" if messages else "Protocol flags: none", 13, "bold", _WARNING if messages else _TEXT))
 
-    y = 0.84
+    y = top
     for text, size, weight, color in lines:
         y = _draw_line(figure, y, text, size, weight, color)
 

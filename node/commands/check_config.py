@@ -64,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  storage root {settings.storage.root}, minimum free space {settings.storage.min_free_space_mb} MiB")
     print(
         f"  model {model_path} (version {model_version}) on device {settings.scoring.device}, "
-        f"runtime {pipeline.runtime or settings.scoring.runtime}, quiet period {settings.scoring.quiet_period_s} s"
+        f"runtime {pipeline.runtime or settings.scoring.runtime}, "
+        f"{settings.scoring.threads or 'automatic'} CPU threads, quiet period {settings.scoring.quiet_period_s} s"
     )
+    caution = pipeline.model_caution()
+    if caution:
+        print(f"  caution: model {model_version}: {caution}")
     for warning in settings_warnings(settings):
         print(f"  warning: {warning}")
     if node.uid_root == "1.2.826.0.1.3680043.8.498.":

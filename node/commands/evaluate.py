@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def parse_model(text: str) -> tuple[str, Path | None]:
     """Parse "NAME=PATH", "PATH" (named after the file) or "default" (the shipped model)."""
-    if text == "default":
+    if text.strip() == "default":
         return "default", None
     if "=" in text:
         name, path = text.split("=", 1)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from node.commands.train import positive_int
+
 HELP = (
     "score a calcium-scoring CT series: Agatston, volume and mass per artery, risk "
     "category and CAC-DRS, from a label map or the segmentation model"
@@ -25,6 +27,11 @@ EXIT_INPUT_ERROR = 2
 
 #: Exit status when the segmentation model cannot be loaded or run.
 EXIT_MODEL_ERROR = 3
+
+#: Name of each output kind in the "wrote" lines.
+OUTPUT_NAMES = {
+    "seg": "calcium SEG", "region_seg": "region SEG", "sr": "SR", "summary": "summary image",
+}
 
 #: UID root of written objects without --uid-root or --config: pydicom's root,
 #: the same default as node.toml's uid_root.
@@ -50,7 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="OUT_DIR",
         default=None,
-        help="also write the DICOM SEG, TID 1500 SR and summary image into this folder",
+        help="also write the calcium SEG, TID 1500 SR and summary image into this folder, and "
+        "the coronary artery region SEG when the model segments and --config sets "
+        "[scoring] write_region_seg = true",
     )
     parser.add_argument(
         "--device",
@@ -63,6 +72,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="how the model runs: auto (ONNX Runtime on the CPU, torch on a GPU), torch, or onnx "
         "(default: from --config, else auto)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for the model (default: from --config, else one per core)",
     )
     parser.add_argument(
         "--model",
@@ -92,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_settings, uid_root_problem
+    from node.config import ConfigError, load_settings, names_shipped_model, uid_root_problem
     from scoring.agatston import score_volume
     from scoring.config import ProtocolPolicy, ScoringParameters
     from scoring.errors import AmbiguousSeriesError, LabelError, SeriesError
@@ -100,8 +115,12 @@ def run(args: argparse.Namespace) -> int:
     from scoring.series import load_series
 
     policy, parameters = ProtocolPolicy(), ScoringParameters()
-    model_path, device, uid_root = args.model, args.device or "auto", args.uid_root or DEFAULT_UID_ROOT
+    # --model "" or default names the shipped model, also over a model_path in --config.
+    model_path = None if names_shipped_model(args.model) else args.model
+    device, uid_root = args.device or "auto", args.uid_root or DEFAULT_UID_ROOT
     runtime = args.runtime or "auto"
+    threads = args.threads
+    write_region_seg = False
     if args.config:
         try:
             settings = load_settings(args.config)
@@ -110,13 +129,14 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_INPUT_ERROR
         policy = settings.scoring.protocol_policy()
         parameters = settings.scoring.scoring_parameters()
-        model_path = args.model or settings.scoring.model_path
+        if args.model is None:
+            model_path = settings.scoring.model_path
         device = args.device or settings.scoring.device
         runtime = args.runtime or settings.scoring.runtime
         uid_root = args.uid_root or settings.node.uid_root
+        write_region_seg = settings.scoring.write_region_seg
+        threads = args.threads or settings.scoring.threads or None
 
-    if model_path == "default":
-        model_path = None
     dicom_dir = Path(args.dicom_dir)
     if not dicom_dir.is_dir():
         print(f"cacs-node score: {dicom_dir} is not a folder. Give the folder of the CT series.", file=sys.stderr)
@@ -133,14 +153,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"cacs-node score: --out {args.out}: {out_problem}", file=sys.stderr)
             return EXIT_INPUT_ERROR
 
+    if not args.labels:
+        # An unusable device is an option error, found before the series is read.
+        from scoring.inference import ModelError, device_for_runtime, resolve_device
+
+        device = device_for_runtime(device, runtime)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        try:
+            resolve_device(device)
+        except ModelError as error:
+            print(f"cacs-node score: {error}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+
     regions = None
+    model_version, model_caution = "none (external label map)", None
     try:
         volume = load_series(dicom_dir, policy, series_instance_uid=args.series_uid)
         if args.labels:
-            labels = read_label_map(args.labels, volume)
-            model_version = "none (external label map)"
+            labels = read_label_map(args.labels, volume, calcium=True)
+            source = {"source": "label map", "path": str(args.labels)}
         else:
-            labels, regions, model_version = _segment(volume, model_path, device, runtime)
+            segmentation, source = _segment(volume, model_path, device, runtime)
+            labels, regions = segmentation.labels, segmentation.regions
+            model_version, model_caution = source["model_version"], source["model_caution"]
         result = score_volume(volume, labels, parameters)
     except AmbiguousSeriesError as error:
         print(f"cacs-node score: {error}; pass --series-uid UID to choose one", file=sys.stderr)
@@ -153,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_MODEL_ERROR
 
     document = result.to_json()
+    document["segmentation"] = source
     if args.json:
         print(json.dumps(document, indent=2))
     else:
@@ -164,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
         import scoring
 
         algorithm = AlgorithmIdentification(
-            name="cacs-node", version=scoring.__version__, model_version=model_version
+            name="cacs-node", version=scoring.__version__, model_version=model_version,
+            model_caution=model_caution,
         )
         try:
             derived = write_outputs(
@@ -174,16 +214,18 @@ def run(args: argparse.Namespace) -> int:
                 args.out,
                 algorithm=algorithm,
                 uid_root=uid_root,
-                regions=regions,
+                regions=regions if write_region_seg else None,
                 parameters=parameters,
             )
         except (LabelError, ValueError, OSError) as error:
             print(f"cacs-node score: writing the DICOM outputs to {args.out} failed: {error}", file=sys.stderr)
             return EXIT_INPUT_ERROR
+        from node.pipeline import outputs_of
+
         # With --json, standard output carries the JSON object only.
         stream = sys.stderr if args.json else sys.stdout
-        for path in derived.paths:
-            print(f"wrote {path}", file=stream)
+        for output in outputs_of(derived, Path(args.out)):
+            print(f"wrote {OUTPUT_NAMES.get(output.kind, output.kind)} {output.path}", file=stream)
     return 0
 
 
@@ -208,16 +250,28 @@ class _ModelFailure(RuntimeError):
     """
 
 
-def _segment(volume: Any, model_path: str | None, device: str, runtime: str) -> tuple[Any, Any, str]:
-    """Run the segmentation model and return CAC labels, CAR regions and the model version."""
-    from scoring.inference import ModelError, load_model, segment_volume
+def _segment(volume: Any, model_path: str | None, device: str, runtime: str) -> tuple[Any, dict[str, Any]]:
+    """Run the segmentation model; return its Segmentation and what produced it.
+
+    The second value is the "segmentation" object of the JSON output: model
+    version, runtime and device used, and the model's caution (None if it has none).
+    """
+    from scoring.inference import ModelError, load_model, prepare_runtime, segment_volume
 
     try:
         model = load_model(model_path, device)
-        segmentation = segment_volume(volume, model=model, runtime=runtime)
+        used_runtime = prepare_runtime(model, runtime)
+        segmentation = segment_volume(volume, model=model, runtime=used_runtime)
     except ModelError as error:
         raise _ModelFailure(f"the segmentation model failed: {error}") from error
-    return segmentation.labels, segmentation.regions, str(segmentation.model_version)
+    source = {
+        "source": "model",
+        "model_version": str(segmentation.model_version),
+        "runtime": used_runtime,
+        "device": str(model.device),
+        "model_caution": segmentation.model_caution,
+    }
+    return segmentation, source
 
 
 def format_table(document: dict[str, Any], shape: tuple[int, int, int]) -> str:
@@ -227,8 +281,21 @@ def format_table(document: dict[str, Any], shape: tuple[int, int, int]) -> str:
         lesion_counts[lesion["artery"]] += 1
     lesion_counts["total"] = len(document["lesions"])
 
+    source = document.get("segmentation") or {}
+    if source.get("source") == "model":
+        runtime = "ONNX Runtime" if source["runtime"] == "onnx" else "torch"
+        produced_by = f"model {source['model_version']} ({runtime} on {source['device']})"
+    elif source.get("source") == "label map":
+        produced_by = f"label map {source['path']}"
+    else:
+        produced_by = "not stated"
     lines = [
         f"Series {document['series_instance_uid']} ({shape[0]} slices of {shape[1]} x {shape[2]})",
+        f"Segmentation: {produced_by}",
+    ]
+    if source.get("model_caution"):
+        lines.append(f"CAUTION, model: {source['model_caution']}")
+    lines += [
         "",
         f"{'Artery':<7}{'Agatston':>10}{'Volume mm3':>12}{'Mass mg':>10}{'Lesions':>9}",
     ]

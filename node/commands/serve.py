@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
         return 1
     logger.info("model version %s ready, runtime %s", model_version, pipeline.runtime)
+    caution = pipeline.model_caution()
+    if caution:
+        logger.warning("model %s: %s; every SEG, SR and summary image states this", model_version, caution)
 
     server = NodeServer(settings, pipeline=pipeline)
     try:

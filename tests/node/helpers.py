@@ -258,5 +258,14 @@ def write_untrained_model(path: Path) -> Path:
 
     network = build_model("mtl")
     save_checkpoint(path, Checkpoint(architecture="mtl", state_dict=network.state_dict(),
-                                     metadata={"model_version": "untrained-test"}))
+                                     metadata={"model_name": "untrained-test"}))
     return path
+
+
+def untrained_model_version(path: Path) -> str:
+    """The version the node reports for a model from `write_untrained_model`: "untrained-test-<hash>"."""
+    from scoring.inference import load_model
+
+    version = load_model(path, "cpu").model_version
+    assert version.startswith("untrained-test-")
+    return version

@@ -212,17 +212,35 @@ def test_parse_settings_runtime_invalid_or_onnx_off_cpu_rejected(tmp_path: Path)
         '[scoring] runtime = \'tensorrt\': allowed values are "auto", "torch" or "onnx"'
     ]
 
-    # ONNX Runtime is installed with its CPU provider only, so "auto" (which picks CUDA when
-    # present) and "cuda" are rejected rather than failing at the first job.
+    # ONNX Runtime is installed with its CPU provider only, so "cuda" is rejected rather
+    # than failing at the first job; "auto" means the CPU with this runtime.
     with pytest.raises(ConfigError) as off_cpu:
-        parse_settings('[scoring]\nruntime = "onnx"\ndevice = "auto"\n', base_dir=tmp_path)
+        parse_settings('[scoring]\nruntime = "onnx"\ndevice = "cuda:1"\n', base_dir=tmp_path)
     assert off_cpu.value.problems == [
-        '[scoring] runtime = "onnx" runs on the CPU only, but device = \'auto\'; '
-        'set device = "cpu", or runtime = "auto" to use ONNX Runtime only on the CPU'
+        '[scoring] runtime = "onnx" runs on the CPU only, but device = \'cuda:1\'; '
+        'set device = "cpu" or "auto", or runtime = "auto" to use ONNX Runtime only on the CPU'
     ]
+    settings = parse_settings('[scoring]\nruntime = "onnx"\ndevice = "auto"\n', base_dir=tmp_path)
+    assert (settings.scoring.runtime, settings.scoring.device) == ("onnx", "auto")
 
 
 def test_parse_settings_runtime_defaults_to_auto(tmp_path: Path) -> None:
     settings = parse_settings("", base_dir=tmp_path)
     assert settings.scoring.runtime == "auto"
     assert settings.scoring.device == "auto"
+
+
+def test_parse_settings_threads(tmp_path: Path) -> None:
+    assert parse_settings("", base_dir=tmp_path).scoring.threads == 0
+    assert parse_settings("[scoring]\nthreads = 2\n", base_dir=tmp_path).scoring.threads == 2
+    with pytest.raises(ConfigError) as negative:
+        parse_settings("[scoring]\nthreads = -1\n", base_dir=tmp_path)
+    assert negative.value.problems == [
+        "[scoring] threads = -1: give 0 to let torch choose (one per core) or a positive count"
+    ]
+
+
+def test_parse_settings_default_model_names(tmp_path: Path) -> None:
+    for text in ('""', '"default"', '" default "'):
+        settings = parse_settings(f"[scoring]\nmodel_path = {text}\n", base_dir=tmp_path)
+        assert settings.scoring.model_path is None

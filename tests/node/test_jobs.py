@@ -27,7 +27,9 @@ from node.server import NodeServer
 from node.storage import InstanceStore
 from scoring.errors import SliceSpacingError
 from tests.factories import make_ct_datasets
-from tests.node.helpers import FakePipeline, make_settings, store_all, wait_for, write_untrained_model
+from tests.node.helpers import (
+    FakePipeline, make_settings, store_all, untrained_model_version, wait_for, write_untrained_model,
+)
 
 PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, outputs=frozenset({"seg", "sr"}))
 ARCHIVE = Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=105, outputs=frozenset({"seg", "sr"}))
@@ -389,8 +391,8 @@ def test_check_config_valid_file_exits_0(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["check-config", "--config", str(path)]) == 0
     output = capsys.readouterr().out
     assert f"storage root {tmp_path / 'data'}" in output
-    # The version comes from the checkpoint's metadata, so the model was really loaded.
-    assert "(version untrained-test)" in output
+    # The version comes from the checkpoint's weights, so the model was really loaded.
+    assert f"(version {untrained_model_version(tmp_path / 'model.pt')})" in output
     # The file lists no peers, so every caller would be rejected.
     assert "  warning: no [[peers]] and accept_unknown_peers = false: every calling AE title is rejected" in output
 

@@ -12,7 +12,7 @@ from scoring import inference
 
 from node.pipeline import ScoringPipeline
 from tests.factories import blank_hu, make_series_dir
-from tests.node.helpers import make_settings, write_untrained_model
+from tests.node.helpers import make_settings, untrained_model_version, write_untrained_model
 
 
 def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,13 +42,14 @@ def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch
     with_torch = ScoringPipeline(torch_settings).score(paths)
     assert sessions_requested == []
     with_onnx = ScoringPipeline(onnx_settings).score(paths)
-    assert sessions_requested == ["untrained-test"]
+    version = untrained_model_version(model_path)
+    assert sessions_requested == [version]
 
     assert with_onnx.volume.shape == (4, 64, 64)
     np.testing.assert_array_equal(with_onnx.labels, with_torch.labels)
     np.testing.assert_array_equal(with_onnx.regions, with_torch.regions)
     assert with_onnx.result.agatston == with_torch.result.agatston
-    assert with_onnx.model_version == with_torch.model_version == "untrained-test"
+    assert with_onnx.model_version == with_torch.model_version == version
 
 
 def test_check_model_prepares_onnx_runtime(tmp_path: Path) -> None:
@@ -58,5 +59,5 @@ def test_check_model_prepares_onnx_runtime(tmp_path: Path) -> None:
     assert settings.scoring.runtime == "auto"
     pipeline = ScoringPipeline(settings)
 
-    assert pipeline.check_model() == "untrained-test"
+    assert pipeline.check_model() == untrained_model_version(model_path)
     assert id(pipeline._loaded_model().network) in inference._ONNX_SESSIONS

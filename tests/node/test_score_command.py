@@ -100,10 +100,12 @@ def test_score_out_writes_seg_that_scores_the_same(
     )
 
     captured = capsys.readouterr()
-    written = [Path(line.removeprefix("wrote ")) for line in captured.err.splitlines() if line.startswith("wrote ")]
+    lines = [line.removeprefix("wrote ") for line in captured.err.splitlines() if line.startswith("wrote ")]
+    written = [Path(line.rsplit(" ", 1)[1]) for line in lines]
     assert status == 0
-    # SEG, SR and summary image; the JSON object stays alone on standard output.
-    assert len(written) == 3
+    # SEG, SR and summary image, each named; the JSON object stays alone on standard output.
+    assert [line.rsplit(" ", 1)[0] for line in lines] == ["calcium SEG", "SR", "summary image"]
+    assert all(path.parent == out_dir and path.suffix == ".dcm" for path in written)
     assert sorted(path.name for path in out_dir.iterdir()) == sorted(path.name for path in written)
     assert json.loads(captured.out)["agatston"]["total"] == 26.0
 
@@ -228,9 +230,10 @@ def test_score_two_equal_series_names_series_uid_option(tmp_path: Path, capsys: 
     assert error.endswith("; pass --series-uid UID to choose one\n")
 
 
+@pytest.mark.parametrize("name", ["default", ""])
 def test_score_model_default_loads_shipped_model(
     scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str,
 ) -> None:
     import scoring.inference
 
@@ -243,8 +246,92 @@ def test_score_model_default_loads_shipped_model(
     monkeypatch.setattr(scoring.inference, "load_model", record_request)
     dicom_dir, _, _ = scored_case
 
-    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--model", "default", "--device", "cpu"])
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--model", name, "--device", "cpu"])
 
     assert status == 3
     assert requested == [None]
     assert "stopped after the request was recorded" in capsys.readouterr().err
+
+
+def test_score_names_the_label_map_it_scored(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, _ = scored_case
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["segmentation"] == {"source": "label map", "path": str(labels_path)}
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path)]) == 0
+    assert f"Segmentation: label map {labels_path}" in capsys.readouterr().out.splitlines()
+
+
+def test_score_with_the_shipped_model_names_model_runtime_and_caution(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scoring.inference import load_model
+
+    shipped = load_model(None, "cpu")
+    dicom_dir, _, _ = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--json", "--runtime", "torch"])
+
+    assert status == 0
+    source = json.loads(capsys.readouterr().out)["segmentation"]
+    assert source == {
+        "source": "model",
+        "model_version": shipped.model_version,
+        "runtime": "torch",
+        "device": "cpu",
+        "model_caution": shipped.caution,
+    }
+    assert shipped.caution.startswith("trained on digital phantom data only")
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--runtime", "torch"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"Segmentation: model {shipped.model_version} (torch on cpu)"
+    assert lines[2] == f"CAUTION, model: {shipped.caution}"
+
+
+def test_score_unknown_device_exits_two_before_reading_the_series(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import scoring.series
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the series was read")
+
+    monkeypatch.setattr(scoring.series, "load_series", refuse)
+    dicom_dir, _, _ = scored_case
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err
+
+
+def test_score_model_folder_is_named_a_folder(
+    scored_case: tuple[Path, Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, _, _ = scored_case
+    (tmp_path / "run").mkdir()
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--model", str(tmp_path / "run"), "--device", "cpu"])
+
+    assert status == 3
+    assert f"model checkpoint {tmp_path / 'run'} is a folder" in capsys.readouterr().err
+
+
+def test_score_threads_option_sets_the_thread_count(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    dicom_dir, _, _ = scored_case
+    try:
+        torch.set_num_threads(2)
+        assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--threads", "1", "--runtime", "torch"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "Segmentation: model " in capsys.readouterr().out

@@ -230,8 +230,8 @@ def test_evaluate_command_prints_versions_and_strict_json(tmp_path: Path, capsys
     from node.cli import main
 
     source = _saved_model(tmp_path / "model.pt")
-    # Without a model_version in its metadata, a model is named by architecture and hash.
-    version = "mtl-" + checkpoint.load_checkpoint(source).weights_sha256[:12]
+    # The version is the metadata's model name and the weights' hash (no threshold: argmax).
+    version = "mtl-test-" + checkpoint.load_checkpoint(source).weights_sha256[:12]
     status = main([
         "evaluate", "--model", f"random={source}", "--phantom-seeds", "1007",
         "--phantom-slices", "2", "--json", str(tmp_path / "out.json"), "--device", "cpu",

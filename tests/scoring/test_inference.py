@@ -105,7 +105,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path, random_mo
         after = reloaded.network(inputs)
     assert torch.equal(before[0], after[0])
     assert torch.equal(before[1], after[1])
-    assert reloaded.model_version == loaded.model_version == "mtl-" + source.weights_sha256[:12]
+    # The version is the metadata's model name and the hash of the weights that were loaded.
+    assert reloaded.model_version == loaded.model_version == "mtl-test-" + source.weights_sha256[:12]
 
 
 def test_body_window_small_body_gives_256_window():
@@ -354,3 +355,46 @@ def test_load_model_damaged_payload_raises_model_error(
     torch.save(payload, damaged)
     with pytest.raises(inference.ModelError, match=message):
         inference.load_model(damaged, device="cpu")
+
+
+def _edited_copy(tmp_path: Path, name: str, **metadata_changes) -> tuple[Path, checkpoint.Checkpoint]:
+    """Write the shipped model with changed metadata (None removes a key) and rehashed weights."""
+    source = checkpoint.load_checkpoint(inference.default_model_path())
+    metadata = dict(source.metadata)
+    for key, value in metadata_changes.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    edited = checkpoint.Checkpoint(source.architecture, source.state_dict, metadata)
+    path = tmp_path / name
+    checkpoint.save_checkpoint(path, edited)
+    return path, edited
+
+
+def test_load_model_version_follows_the_threshold_not_the_stored_string(tmp_path: Path, caplog):
+    shipped = inference.load_model(None, "cpu").model_version
+    prefix = shipped.rsplit("-t", 1)[0]
+    path, _ = _edited_copy(tmp_path, "low.pt", lesion_threshold=0.05)
+    with caplog.at_level("WARNING", logger="scoring.inference"):
+        loaded = inference.load_model(path, "cpu")
+    assert loaded.model_version == f"{prefix}-t0.05"
+    assert f"names itself model {shipped}, but its weights and lesion threshold make it {prefix}-t0.05" in caplog.text
+    # Without a stored version, the computed one keeps the model name and threshold.
+    path, _ = _edited_copy(tmp_path, "unnamed.pt", model_version=None)
+    assert inference.load_model(path, "cpu").model_version == shipped
+
+
+def test_load_model_version_follows_the_weights(tmp_path: Path):
+    shipped = inference.load_model(None, "cpu").model_version
+    source = checkpoint.load_checkpoint(inference.default_model_path())
+    weights = dict(source.state_dict)
+    first = next(key for key, value in weights.items() if value.is_floating_point())
+    weights[first] = weights[first] + 0.001
+    path = tmp_path / "changed.pt"
+    checkpoint.save_checkpoint(path, checkpoint.Checkpoint(source.architecture, weights, source.metadata))
+    expected = checkpoint.model_version("mtl-uncertainty", weights, 0.63)
+    loaded = inference.load_model(path, "cpu")
+    assert loaded.model_version == expected
+    assert loaded.model_version != shipped
+    assert loaded.model_version.startswith("mtl-uncertainty-") and loaded.model_version.endswith("-t0.63")

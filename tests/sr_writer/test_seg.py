@@ -311,6 +311,17 @@ def test_build_region_seg_one_segment_per_region(tmp_path):
     assert seg.SeriesDescription == "CAC regions SEG (cacs-node 1.0)"
     assert_dciodvfy_clean(path)
     assert pydicom.dcmread(path).ContentLabel == "REGIONS"
+    # Read as a region map it gives the arteries; read as calcium it is refused.
+    read_back = read_label_map(path, case.volume)
+    assert (int((read_back == LAD).sum()), int((read_back == RCA).sum())) == (360, 60)
+    with pytest.raises(LabelError, match="segments anatomy, not calcium: segment 1 \\('LAD region'\\)"):
+        read_label_map(path, case.volume, calcium=True)
+
+
+def test_calcium_seg_reads_as_calcium(tmp_path):
+    case = make_case()
+    path = _save(_build(case), tmp_path)
+    assert np.array_equal(read_label_map(path, case.volume, calcium=True), read_label_map(path, case.volume))
 
 
 def test_build_region_seg_empty_returns_none():
