@@ -51,3 +51,7 @@ class InconsistentIdentityError(SeriesError):
     Such a series may mix two patients or two scans, so it is never scored.
     The message names SOPInstanceUIDs and value counts, never the patient values.
     """
+
+
+class FieldOfViewError(SeriesError):
+    """The images cover too small an area to hold a heart, so the model cannot segment them."""

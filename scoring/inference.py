@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from scoring.checkpoint import CheckpointError, load_checkpoint, model_version
+from scoring.errors import FieldOfViewError
 from scoring.model import (
     SIZE_MULTIPLE,
     check_lesion_threshold,
@@ -51,6 +52,12 @@ BODY_THRESHOLD_HU = -500.0
 #: Slices per forward pass by default; bounds memory at about 0.3 GB per slice
 #: of 512² in float32 on the CPU.
 DEFAULT_BATCH_SIZE = 4
+
+#: Smallest height and width, in mm, of images the model segments. An adult
+#: heart is about 120 mm long, so a smaller image cannot hold its coronary
+#: arteries. The phantom series cover 179–410 mm and the real series of the
+#: tests 250 mm (QRM phantom) and 500 mm.
+MIN_FIELD_OF_VIEW_MM = 100.0
 
 #: Dropout rate and number of passes of the Monte Carlo dropout mode.
 MC_DROPOUT_RATE = 0.01
@@ -283,6 +290,15 @@ def _check_volume(volume: CTVolume) -> np.ndarray:
             f"expected a volume of shape (slices, rows, columns) with at least one slice, "
             f"got shape {hu.shape}"
         )
+    height = hu.shape[1] * float(volume.pixel_spacing[0])
+    width = hu.shape[2] * float(volume.pixel_spacing[1])
+    if min(height, width) < MIN_FIELD_OF_VIEW_MM:
+        raise FieldOfViewError(
+            f"the images cover {height:.0f} × {width:.0f} mm ({hu.shape[1]} × {hu.shape[2]} pixels of "
+            f"{float(volume.pixel_spacing[0]):g} × {float(volume.pixel_spacing[1]):g} mm), less than "
+            f"the {MIN_FIELD_OF_VIEW_MM:.0f} mm in each direction that a heart needs; send the "
+            "calcium-scoring reconstruction that shows the whole heart"
+        )
     return hu
 
 
@@ -409,7 +425,8 @@ def segment_volume(
         the torch path on 2 cores, with identical labels on a 50-slice phantom.
     Returns a Segmentation whose arrays have the volume's shape. The model
     is not modified, so threads may share it (but not with `mc_dropout_variance`).
-    Raises ModelError when the model cannot be loaded, ValueError for a bad volume.
+    Raises ModelError when the model cannot be loaded, FieldOfViewError when the
+    images are smaller than MIN_FIELD_OF_VIEW_MM, ValueError for a bad volume.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")

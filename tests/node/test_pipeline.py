@@ -17,10 +17,11 @@ from tests.node.helpers import make_settings, untrained_model_version, write_unt
 
 def test_scoring_pipeline_onnx_runtime_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A 4-slice 64 × 64 series with a 400 HU block: enough candidate voxels for both
-    # runtimes to label, small enough for a CPU test.
+    # runtimes to label, small enough for a CPU test. Pixels of 2 mm give the
+    # 128 mm field of view the model needs.
     hu = blank_hu(slices=4, rows=64, columns=64)
     hu[1:3, 20:30, 24:34] = 400.0
-    make_series_dir(tmp_path / "series", hu, pixel_spacing=(0.5, 0.5), slice_thickness=3.0)
+    make_series_dir(tmp_path / "series", hu, pixel_spacing=(2.0, 2.0), slice_thickness=3.0)
     paths = sorted((tmp_path / "series").iterdir())
     model_path = write_untrained_model(tmp_path / "untrained.pt")
 
@@ -61,3 +62,17 @@ def test_check_model_prepares_onnx_runtime(tmp_path: Path) -> None:
 
     assert pipeline.check_model() == untrained_model_version(model_path)
     assert id(pipeline._loaded_model().network) in inference._ONNX_SESSIONS
+
+
+def test_scoring_pipeline_refuses_images_smaller_than_a_heart(tmp_path: Path) -> None:
+    from scoring.errors import FieldOfViewError
+
+    make_series_dir(tmp_path / "series", blank_hu(slices=3, rows=64, columns=64), pixel_spacing=(0.5, 0.5))
+    paths = sorted((tmp_path / "series").iterdir())
+    settings = make_settings(tmp_path / "storage")
+    model_path = write_untrained_model(tmp_path / "untrained.pt")
+    settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path, runtime="torch"))
+
+    with pytest.raises(FieldOfViewError, match=r"the images cover 32 × 32 mm \(64 × 64 pixels of 0.5 × 0.5 mm\), "
+                       r"less than the 100 mm in each direction that a heart needs"):
+        ScoringPipeline(settings).score(paths)

@@ -266,13 +266,22 @@ def test_score_names_the_label_map_it_scored(
     assert f"Segmentation: label map {labels_path}" in capsys.readouterr().out.splitlines()
 
 
+@pytest.fixture
+def model_case(tmp_path: Path) -> Path:
+    """Write a 3-slice series of 64 × 64 pixels of 2 mm, large enough for the model; return its folder."""
+    hu = blank_hu(3, 64, 64)
+    hu[1, 30:33, 30:33] = 400.0
+    make_series_dir(tmp_path / "model-case", hu, pixel_spacing=(2.0, 2.0))
+    return tmp_path / "model-case"
+
+
 def test_score_with_the_shipped_model_names_model_runtime_and_caution(
-    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+    model_case: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from scoring.inference import load_model
 
     shipped = load_model(None, "cpu")
-    dicom_dir, _, _ = scored_case
+    dicom_dir = model_case
 
     status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--json", "--runtime", "torch"])
 
@@ -322,12 +331,12 @@ def test_score_model_folder_is_named_a_folder(
 
 
 def test_score_threads_option_sets_the_thread_count(
-    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+    model_case: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
 
     before = torch.get_num_threads()
-    dicom_dir, _, _ = scored_case
+    dicom_dir = model_case
     try:
         torch.set_num_threads(2)
         assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--threads", "1", "--runtime", "torch"]) == 0
@@ -335,3 +344,14 @@ def test_score_threads_option_sets_the_thread_count(
     finally:
         torch.set_num_threads(before)
     assert "Segmentation: model " in capsys.readouterr().out
+
+
+def test_score_with_the_model_refuses_images_smaller_than_a_heart(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, _ = scored_case
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--runtime", "torch"]) == 2
+    assert "the images cover 16 × 16 mm (32 × 32 pixels of 0.5 × 0.5 mm)" in capsys.readouterr().err
+    # A label map needs no model, so the same series scores from it.
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path)]) == 0
