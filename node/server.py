@@ -18,7 +18,7 @@ from node.jobs import InstanceRecord, JobStore, JobStoreError
 from node.pipeline import Pipeline, ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.scp import StorageSCP
-from node.storage import InstanceStore, is_valid_uid
+from node.storage import InstanceStore, NodeLock, is_valid_uid
 from node.worker import JobRunner
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class NodeServer:
         self._ae: AE | None = None
         #: The Storage SCP once started.
         self.scp: StorageSCP | None = None
+        self._lock: NodeLock | None = None
 
     @property
     def port(self) -> int:
@@ -54,10 +55,22 @@ class NodeServer:
         """Open the storage and job store, resume unfinished jobs and start listening; return at once.
 
         Raises:
-            node.storage.StorageError: the storage root cannot be created.
+            node.storage.StorageError: the storage root cannot be created, or
+                another node holds it (see node.storage.NodeLock).
             OSError: the port cannot be bound (in use, or below 1024 without privileges).
         """
         self.store.create_layout()
+        lock = NodeLock(self.store.root)
+        lock.acquire()
+        self._lock = lock
+        try:
+            self._start_locked()
+        except BaseException:
+            self._lock = None
+            lock.release()
+            raise
+
+    def _start_locked(self) -> None:
         self.store.remove_stale_temporaries()
         self.jobs = JobStore(self.store.database_path)
         self._register_unrecorded_instances(self.jobs)
@@ -126,6 +139,9 @@ class NodeServer:
         if self.jobs is not None:
             self.jobs.close()
             self.jobs = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         logger.info("cacs-node %s stopped", self.settings.node.ae_title)
 
     def wait_idle(self, timeout: float) -> bool:

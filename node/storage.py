@@ -14,7 +14,9 @@ renamed, so a crash leaves either the complete file or a temporary file that
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +30,8 @@ INCOMING_FOLDER = "incoming"
 CONFLICTS_FOLDER = "conflicts"
 OUTPUTS_FOLDER = "outputs"
 DATABASE_NAME = "jobs.sqlite3"
+#: File under the storage root that a running node keeps locked, with its process ID.
+LOCK_NAME = "node.lock"
 
 #: A UID as PS3.5 section 9.1 defines it: digits and dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -56,6 +60,70 @@ def clean_path_part(value: str) -> str:
     if cleaned in ("", ".", ".."):
         raise StorageError(f"identifier {value!r} cannot be used as a file or folder name")
     return cleaned
+
+
+class NodeLock:
+    """The lock a running node holds on its storage root, so no second node shares it.
+
+    `acquire` takes an exclusive lock on `LOCK_NAME` under the root and writes
+    the process ID there; the operating system drops the lock when the
+    process ends, even after a crash. `holder` tells other commands whether
+    a node runs on the root.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_NAME
+        self._descriptor: int | None = None
+
+    def acquire(self) -> None:
+        """Lock the storage root for this process.
+
+        Raises:
+            StorageError: another process holds the lock, or the file cannot be opened.
+        """
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StorageError(f"cannot open the lock file {self.path}: {error.strerror}") from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_process_id(descriptor)
+            os.close(descriptor)
+            raise StorageError(
+                f"another cacs-node serve{f' (process {holder})' if holder else ''} uses the storage "
+                f"root {self.path.parent}; stop it, or give this node its own [storage] root"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._descriptor = descriptor
+
+    def release(self) -> None:
+        """Unlock the storage root; the file stays for the next start."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    @staticmethod
+    def holder(root: Path) -> int | None:
+        """Return the process ID of the node that holds `root`, 0 when it is unknown, None when none does."""
+        try:
+            descriptor = os.open(Path(root) / LOCK_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_process_id(descriptor)
+        finally:
+            os.close(descriptor)
+        return None
+
+
+def _read_process_id(descriptor: int) -> int:
+    """Read the process ID written in a lock file; 0 when it holds none."""
+    text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 class InstanceStore:

@@ -28,7 +28,7 @@ def _time(value: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, default_config_path, load_settings
     from node.jobs import JobStore, JobStoreError
-    from node.storage import InstanceStore
+    from node.storage import InstanceStore, NodeLock
 
     path = args.config or default_config_path()
     try:
@@ -65,9 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
         jobs = store.jobs(limit=args.limit)
         receiving = store.receiving_series()
+        holder = NodeLock.holder(settings.storage.root)
         if args.json:
-            print(json.dumps({"jobs": [job.to_json() for job in jobs], "receiving": receiving}, indent=2))
+            node = {"running": holder is not None, "process_id": holder or None}
+            print(json.dumps({"node": node, "jobs": [job.to_json() for job in jobs], "receiving": receiving},
+                             indent=2))
             return 0
+        if holder is None:
+            print(f"node: not running (no cacs-node serve holds {settings.storage.root}); received series "
+                  "and unfinished jobs wait for the next start")
+        else:
+            print(f"node: running{f' (process {holder})' if holder else ''}")
         _print_receiving(receiving, settings.scoring.quiet_period_s)
         if not jobs:
             print("no jobs yet")

@@ -678,14 +678,19 @@ def test_status_shows_receiving_series_and_conflict(tmp_path: Path, capsys: pyte
 
     assert main(["status", "--config", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
+    # No node holds the storage root, so the series wait for its next start.
+    assert lines[0] == (f"node: not running (no cacs-node serve holds {root}); received series and "
+                        "unfinished jobs wait for the next start")
     # Both series are in their quiet period (default 30 s); 1.2.4 also holds one re-sent copy.
-    assert lines[0].startswith("series 1.2.4: receiving (quiet period 30 s), 1 instance(s), last at ")
-    assert lines[1].startswith("  conflict (1 re-sent copy(ies)): series has conflicting instances: 1 SOP instance(s)")
-    assert lines[2].startswith("series 1.2.3: receiving (quiet period 30 s), 3 instance(s), last at ")
+    assert lines[1].startswith("series 1.2.4: receiving (quiet period 30 s), 1 instance(s), last at ")
+    assert lines[2].startswith("  conflict (1 re-sent copy(ies)): series has conflicting instances: 1 SOP instance(s)")
+    assert lines[3].startswith("series 1.2.3: receiving (quiet period 30 s), 3 instance(s), last at ")
     assert lines[-1] == "no jobs yet"
 
     assert main(["status", "--config", str(path), "--json"]) == 0
-    receiving = json.loads(capsys.readouterr().out)["receiving"]
+    document = json.loads(capsys.readouterr().out)
+    assert document["node"] == {"running": False, "process_id": None}
+    receiving = document["receiving"]
     assert [(s["series_instance_uid"], s["instance_count"], s["conflict_count"]) for s in receiving] == [
         ("1.2.4", 1, 1),
         ("1.2.3", 3, 0),
@@ -710,3 +715,24 @@ def test_localizer_series_refused_naming_localizers(settings: NodeSettings) -> N
     assert jobs[0].reason.startswith(
         "the series has 3 localizer image(s) (ImageType LOCALIZER), which are not scored; no axial CT image series"
     )
+
+
+def test_status_says_when_a_node_holds_the_storage_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from node.storage import NodeLock
+
+    root = tmp_path / "storage"
+    root.mkdir()
+    JobStore(InstanceStore(root, 0).database_path).close()
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nroot = "{root}"\n', encoding="utf-8")
+    lock = NodeLock(root)
+    lock.acquire()
+    try:
+        assert main(["status", "--config", str(path)]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"node: running (process {os.getpid()})"
+        assert main(["status", "--config", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["node"] == {"running": True, "process_id": os.getpid()}
+    finally:
+        lock.release()

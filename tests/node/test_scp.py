@@ -551,3 +551,24 @@ def test_store_broken_rle_fragment_returns_c210(node: NodeServer) -> None:
     statuses = store_all(node.port, [dataset], contexts=[(CT_IMAGE_STORAGE, [RLELossless])])
 
     assert statuses == [0xC210]
+
+
+def test_second_node_on_the_same_storage_root_does_not_start(tmp_path: Path) -> None:
+    import os
+
+    from node.storage import StorageError
+
+    first = NodeServer(make_settings(tmp_path / "storage"), pipeline=FakePipeline())
+    first.start()
+    try:
+        second = NodeServer(make_settings(tmp_path / "storage"), pipeline=FakePipeline())
+        with pytest.raises(StorageError, match=rf"another cacs-node serve \(process {os.getpid()}\) uses"):
+            second.start()
+        # The first node still receives.
+        assert store_all(first.port, make_ct_datasets(uid_seed="locked")[:1]) == [0x0000]
+    finally:
+        first.stop()
+    # Once the first node stopped, another one starts on the same root.
+    third = NodeServer(make_settings(tmp_path / "storage"), pipeline=FakePipeline())
+    third.start()
+    third.stop()

@@ -73,3 +73,26 @@ def test_has_free_space_huge_minimum_false(tmp_path: Path) -> None:
     # 2**40 MiB is one exbibyte, more than any test machine has free.
     assert not InstanceStore(tmp_path, 2**40).has_free_space()
     assert InstanceStore(tmp_path, 0).has_free_space()
+
+
+def test_node_lock_keeps_a_second_node_off_the_storage_root(tmp_path: Path) -> None:
+    import os
+
+    from node.storage import NodeLock, StorageError
+
+    assert NodeLock.holder(tmp_path) is None
+    first = NodeLock(tmp_path)
+    first.acquire()
+    try:
+        assert NodeLock.holder(tmp_path) == os.getpid()
+        with pytest.raises(StorageError, match=rf"another cacs-node serve \(process {os.getpid()}\) uses the "
+                                               rf"storage root {tmp_path}; stop it"):
+            NodeLock(tmp_path).acquire()
+    finally:
+        first.release()
+    # The file stays, but nobody holds it.
+    assert (tmp_path / "node.lock").read_text() == f"{os.getpid()}\n"
+    assert NodeLock.holder(tmp_path) is None
+    second = NodeLock(tmp_path)
+    second.acquire()
+    second.release()
