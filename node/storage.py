@@ -66,7 +66,7 @@ class NodeLock:
     """The lock a running node holds on its storage root, so no second node shares it.
 
     `acquire` takes an exclusive lock on `LOCK_NAME` under the root and writes
-    the process ID there; the operating system drops the lock when the
+    the process ID there. The operating system drops the lock when the
     process ends, even after a crash. `holder` tells other commands whether
     a node runs on the root.
     """

@@ -115,6 +115,7 @@ def _run_demo(work_dir: Path, args: argparse.Namespace) -> int:
             print("waiting for the node to score the series and send the results ...")
             job = _wait_for_final_job(settings.storage.root, server, args.timeout)
             elapsed = time.monotonic() - sent_at
+            caution = server.pipeline.model_caution() if job is not None and job.state == "done" else None
         finally:
             server.stop()
     finally:
@@ -129,6 +130,9 @@ def _run_demo(work_dir: Path, args: argparse.Namespace) -> int:
 
     truth = _read_truth(work_dir / "phantom" / "truth.json")
     _print_scores(job.result or {}, truth)
+    print(f"  model {job.model_version}")
+    if caution:
+        print(f"  CAUTION, model: {caution}")
     received = receiver.received
     print(f"\nresults received by {RESULTS_AE_TITLE} in {results_dir}:")
     for item in received:

@@ -71,7 +71,7 @@ def test_missing_outputs_calcium_without_seg_reports_seg() -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_command_default_model_exits_zero(tmp_path: Path) -> None:
-    from scoring.inference import default_model_path
+    from scoring.inference import default_model_path, load_model
 
     if not default_model_path().is_file():
         pytest.skip(f"the default model {default_model_path()} is not there yet; the demo needs it")
@@ -94,3 +94,7 @@ def test_demo_command_default_model_exits_zero(tmp_path: Path) -> None:
     # SR and summary image always; a SEG only when the model found coronary calcium.
     expected = sorted([SR, SECONDARY_CAPTURE] + ([SEG] if total_agatston > 0 else []))
     assert sop_classes == expected
+    # The shipped model states that it saw only synthetic data, and the demo repeats it.
+    shipped = load_model(None, "cpu")
+    assert f"  model {shipped.model_version}" in completed.stdout.splitlines()
+    assert f"  CAUTION, model: {shipped.caution}" in completed.stdout.splitlines()
