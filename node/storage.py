@@ -90,10 +90,7 @@ class NodeLock:
         except BlockingIOError:
             holder = _read_process_id(descriptor)
             os.close(descriptor)
-            raise StorageError(
-                f"another cacs-node serve{f' (process {holder})' if holder else ''} uses the storage "
-                f"root {self.path.parent}; stop it, or give this node its own [storage] root"
-            ) from None
+            raise _busy_error(self.path.parent, holder) from None
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())
         self._descriptor = descriptor
@@ -103,6 +100,13 @@ class NodeLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+    @staticmethod
+    def check_free(root: Path) -> None:
+        """Raise StorageError when a node holds `root`, without taking the lock."""
+        holder = NodeLock.holder(root)
+        if holder is not None:
+            raise _busy_error(Path(root), holder)
 
     @staticmethod
     def holder(root: Path) -> int | None:
@@ -118,6 +122,14 @@ class NodeLock:
         finally:
             os.close(descriptor)
         return None
+
+
+def _busy_error(root: Path, holder: int) -> StorageError:
+    process = f" (process {holder})" if holder else ""
+    return StorageError(
+        f"another cacs-node serve{process} uses the storage root {root}; stop it, or give this "
+        "node its own [storage] root"
+    )
 
 
 def _read_process_id(descriptor: int) -> int:

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from node.logs import reduce_library_log_noise
     from node.pipeline import ModelUnavailableError, ScoringPipeline
     from node.server import NodeServer
-    from node.storage import StorageError
+    from node.storage import NodeLock, StorageError
 
     path = args.config or default_config_path()
     try:
@@ -38,6 +38,14 @@ def run(args: argparse.Namespace) -> int:
     reduce_library_log_noise()
     for warning in settings_warnings(settings):
         logger.warning("%s: %s", path, warning)
+
+    # Loading the model takes seconds, so a second node on the same root is
+    # turned away first; NodeServer.start takes the lock itself.
+    try:
+        NodeLock.check_free(settings.storage.root)
+    except StorageError as error:
+        print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
+        return 1
 
     # A node that cannot load its model would acknowledge series it can never score.
     pipeline = ScoringPipeline(settings)

@@ -96,3 +96,32 @@ def test_node_lock_keeps_a_second_node_off_the_storage_root(tmp_path: Path) -> N
     second = NodeLock(tmp_path)
     second.acquire()
     second.release()
+
+
+def test_serve_on_a_held_storage_root_exits_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import node.pipeline
+    from node.cli import main
+    from node.storage import NodeLock
+
+    def refuse(self):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(node.pipeline.ScoringPipeline, "check_model", refuse)
+    root = tmp_path / "storage"
+    root.mkdir()
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\nbind_address = "127.0.0.1"\nport = 21999\n[storage]\nroot = "{root}"\n', encoding="utf-8")
+    lock = NodeLock(root)
+    lock.acquire()
+    try:
+        assert main(["serve", "--config", str(path)]) == 1
+    finally:
+        lock.release()
+    assert capsys.readouterr().err == (
+        f"cacs-node serve: not starting: another cacs-node serve (process {os.getpid()}) uses the storage "
+        f"root {root}; stop it, or give this node its own [storage] root\n"
+    )
