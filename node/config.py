@@ -209,6 +209,16 @@ def uid_root_problem(root: str) -> str:
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+#: Most CPU threads a command or node.toml may give the model: a guard against
+#: typing errors (torch 2.13 ended with a segmentation fault at 100,000 threads).
+MAX_THREADS = 1024
+
+
+def onnx_off_cpu(runtime: str, device: str) -> bool:
+    """Return whether the ONNX runtime, which has only its CPU provider here, is asked to run on a GPU."""
+    return runtime == "onnx" and device.startswith("cuda")
+
+
 def names_shipped_model(text: str | None) -> bool:
     """Return whether a model setting or option names the shipped model: unset, empty or "default"."""
     return text is None or text.strip() in ("", "default")
@@ -242,6 +252,12 @@ def settings_warnings(settings: NodeSettings) -> list[str]:
                 f"{where} is this node itself ({destination.ae_title}@{destination.host}:{destination.port}); "
                 "give the AE title, host and port of the PACS"
             )
+    cores = os.cpu_count()
+    if cores and settings.scoring.threads > cores:
+        warnings.append(
+            f"[scoring] threads = {settings.scoring.threads} is more than the {cores} CPU cores of this "
+            "machine, which slows scoring down; give at most the core count, or 0"
+        )
     free_mb = _free_space_mb(settings.storage.root)
     if free_mb is not None and free_mb < settings.storage.min_free_space_mb:
         warnings.append(
@@ -569,8 +585,9 @@ class _Validator:
         model = self._value(where, table, "model_path", "", "str")
         model_path = None if names_shipped_model(model) else self._path(model)
         if model_path is not None and not model_path.is_file():
+            found = "a folder" if model_path.is_dir() else "no file"
             self.problems.append(
-                f"{where}model_path = {model!r}: no file at {model_path}; give an existing model file "
+                f"{where}model_path = {model!r}: {found} at {model_path}; give an existing model file "
                 'or "" (or "default") for the model shipped with cacs-node'
             )
 
@@ -590,15 +607,16 @@ class _Validator:
         runtime = self._value(where, table, "runtime", defaults.runtime, "str")
         if runtime not in ("auto", "torch", "onnx"):
             self.problems.append(f'{where}runtime = {runtime!r}: allowed values are "auto", "torch" or "onnx"')
-        elif runtime == "onnx" and device not in ("cpu", "auto"):
+        elif onnx_off_cpu(runtime, device):
             self.problems.append(
                 f'{where}runtime = "onnx" runs on the CPU only, but device = {device!r}; '
                 'set device = "cpu" or "auto", or runtime = "auto" to use ONNX Runtime only on the CPU'
             )
         threads = self._value(where, table, "threads", defaults.threads, "int")
-        if threads < 0:
+        if not 0 <= threads <= MAX_THREADS:
             self.problems.append(
-                f"{where}threads = {threads}: give 0 to let torch choose (one per core) or a positive count"
+                f"{where}threads = {threads}: give 0 to let torch choose (one per core) or a count "
+                f"from 1 to {MAX_THREADS}"
             )
         return ScoringSection(
             model_path=model_path,

@@ -85,10 +85,12 @@ def model_version(
     """Name a model "<name>-<first 12 hex digits of the weights' hash>[-t<threshold>]".
 
     The threshold suffix distinguishes models with the same weights but
-    different lesion decisions. The argmax rule has no suffix.
+    different lesion decisions: it is the shortest text that reads back as
+    the same float (0.63, 0.6300001), so two thresholds never share a version.
+    The argmax rule has no suffix.
     """
     version = f"{model_name}-{hash_state_dict(state_dict)[:12]}"
-    return version if lesion_threshold is None else f"{version}-t{lesion_threshold:g}"
+    return version if lesion_threshold is None else f"{version}-t{float(lesion_threshold)!r}"
 
 
 @dataclass

@@ -16,6 +16,34 @@ CALCIUM_THRESHOLD_HU = 130.0
 #: 120 kVp (about 1 mg HA/cm³ per 1.34 HU of water-equivalent attenuation).
 DEFAULT_MASS_CALIBRATION_FACTOR = 0.743
 
+#: Maximum length of a model version in the DICOM outputs: Software Versions (LO, 64
+#: characters) carries it as "model <version>".
+MAX_MODEL_VERSION_LENGTH = 64 - len("model ")
+
+#: Maximum length of a model caution. The SEG's Algorithm Parameters (LT) and
+#: the SR's TEXT items carry it in full.
+MAX_MODEL_CAUTION_LENGTH = 512
+
+
+def model_identity_problem(model_version: object, caution: object) -> str | None:
+    """Describe why a model version or caution cannot go into the DICOM outputs, or return None.
+
+    Both must be texts without a backslash (the DICOM value separator), the
+    version at most MAX_MODEL_VERSION_LENGTH characters and not empty, the
+    caution (None for none) at most MAX_MODEL_CAUTION_LENGTH characters.
+    """
+    checks = (
+        ("model version", model_version, MAX_MODEL_VERSION_LENGTH, False),
+        ("model caution", caution, MAX_MODEL_CAUTION_LENGTH, True),
+    )
+    for name, value, limit, optional in checks:
+        if value is None and optional:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > limit or "\\" in value:
+            return (f"{name} {value!r} is invalid; expected a non-empty text of at most {limit} "
+                    "characters without a backslash")
+    return None
+
 
 @dataclass(frozen=True)
 class ProtocolPolicy:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from scoring.checkpoint import CheckpointError, load_checkpoint, model_version
+from scoring.config import model_identity_problem
 from scoring.errors import FieldOfViewError
 from scoring.model import (
     SIZE_MULTIPLE,
@@ -58,6 +60,10 @@ DEFAULT_BATCH_SIZE = 4
 #: arteries. The phantom series cover 179–410 mm and the real series of the
 #: tests 250 mm (QRM phantom) and 500 mm.
 MIN_FIELD_OF_VIEW_MM = 100.0
+
+#: Minimum number of rows and columns of images the model segments. A calcium-scoring CT
+#: has 512; 64 is a guard against slivers (one row of 150 mm pixels).
+MIN_IMAGE_PIXELS = 64
 
 #: Dropout rate and number of passes of the Monte Carlo dropout mode.
 MC_DROPOUT_RATE = 0.01
@@ -98,8 +104,8 @@ class LoadedModel:
     def caution(self) -> str | None:
         """The restriction of use the checkpoint states, such as training on
         synthetic data only (metadata "synthetic_only"); None when it states none."""
-        text = str(self.metadata.get("synthetic_only") or "").strip()
-        return text or None
+        text = self.metadata.get("synthetic_only")
+        return (text.strip() or None) if isinstance(text, str) else None
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,10 @@ def load_model(
         str(checkpoint.metadata.get("model_name", checkpoint.architecture)),
         checkpoint.state_dict, threshold,
     )
+    caution = checkpoint.metadata.get("synthetic_only")
+    problem = model_identity_problem(version, None if caution is None or caution == "" else caution)
+    if problem:
+        raise ModelError(f"{checkpoint_path}: metadata model_name or synthetic_only: {problem}")
     stored = checkpoint.metadata.get("model_version")
     if stored is not None and stored != version:
         logger.warning(
@@ -290,14 +300,23 @@ def _check_volume(volume: CTVolume) -> np.ndarray:
             f"expected a volume of shape (slices, rows, columns) with at least one slice, "
             f"got shape {hu.shape}"
         )
-    height = hu.shape[1] * float(volume.pixel_spacing[0])
-    width = hu.shape[2] * float(volume.pixel_spacing[1])
-    if min(height, width) < MIN_FIELD_OF_VIEW_MM:
+    rows, columns = hu.shape[1:]
+    height = rows * float(volume.pixel_spacing[0])
+    width = columns * float(volume.pixel_spacing[1])
+    size = (f"{rows} × {columns} pixels of {float(volume.pixel_spacing[0]):g} × "
+            f"{float(volume.pixel_spacing[1]):g} mm")
+    if min(rows, columns) < MIN_IMAGE_PIXELS:
         raise FieldOfViewError(
-            f"the images cover {height:.0f} × {width:.0f} mm ({hu.shape[1]} × {hu.shape[2]} pixels of "
-            f"{float(volume.pixel_spacing[0]):g} × {float(volume.pixel_spacing[1]):g} mm), less than "
-            f"the {MIN_FIELD_OF_VIEW_MM:.0f} mm in each direction that a heart needs; send the "
-            "calcium-scoring reconstruction that shows the whole heart"
+            f"the images have {size}; the model needs at least {MIN_IMAGE_PIXELS} pixels in each "
+            "direction to show the coronary arteries; send the calcium-scoring reconstruction"
+        )
+    if min(height, width) < MIN_FIELD_OF_VIEW_MM:
+        # Rounded down, so a size just below the limit never reads as the limit itself.
+        extents = " × ".join(f"{math.floor(extent * 10) / 10:.1f}" for extent in (height, width))
+        raise FieldOfViewError(
+            f"the images cover {extents} mm ({size}), less than the {MIN_FIELD_OF_VIEW_MM:.0f} mm in "
+            "each direction that a heart needs; send the calcium-scoring reconstruction that shows "
+            "the whole heart"
         )
     return hu
 

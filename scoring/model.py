@@ -26,6 +26,7 @@ every value below −2048 (the −3024 padding some scanners store) is set to
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -384,6 +385,11 @@ def check_lesion_threshold(threshold: float | None) -> float | None:
     """
     if threshold is None:
         return None
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise ValueError(
+            f"lesion threshold must be a number strictly between 0 and 1, got {threshold!r} "
+            f"({type(threshold).__name__})"
+        )
     threshold = float(threshold)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"lesion threshold must lie strictly between 0 and 1, got {threshold}")

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 import scoring
+from scoring.config import model_identity_problem
 
 #: Attributes of the Patient, Clinical Trial Subject, General Study and
 #: Patient Study modules (PS3.3 C.7.1.1, C.7.1.3, C.7.2.1, C.7.2.2) copied
@@ -104,11 +105,6 @@ _UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 MAX_UID_ROOT_LENGTH = 40
 
 
-#: Maximum length of a model caution. The SEG's Algorithm Parameters (LT) and
-#: the SR's TEXT items carry it in full.
-MAX_CAUTION_LENGTH = 512
-
-
 @dataclass(frozen=True)
 class AlgorithmIdentification:
     """Name and versions of the software that produced a result.
@@ -128,25 +124,17 @@ class AlgorithmIdentification:
     model_caution: str | None = None
 
     def __post_init__(self) -> None:
-        # Each value goes into LO elements (64 characters, no backslash);
-        # Software Versions carries the model version as "model <version>".
-        limits = {"name": 64, "version": 64, "model_version": 64 - len("model ")}
-        for field_name, limit in limits.items():
+        # Name and version go into LO elements (64 characters, no backslash).
+        for field_name in ("name", "version"):
             value = getattr(self, field_name)
-            if not isinstance(value, str) or not value.strip() or len(value) > limit or "\\" in value:
+            if not isinstance(value, str) or not value.strip() or len(value) > 64 or "\\" in value:
                 raise ValueError(
                     f"algorithm {field_name} {value!r} is invalid; expected a non-empty text of at "
-                    f"most {limit} characters without a backslash"
+                    "most 64 characters without a backslash"
                 )
-        caution = self.model_caution
-        if caution is not None and (
-            not isinstance(caution, str) or not caution.strip()
-            or len(caution) > MAX_CAUTION_LENGTH or "\\" in caution
-        ):
-            raise ValueError(
-                f"model caution {caution!r} is invalid; expected a non-empty text of at most "
-                f"{MAX_CAUTION_LENGTH} characters without a backslash"
-            )
+        problem = model_identity_problem(self.model_version, self.model_caution)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def short_version(self) -> str:

@@ -212,10 +212,7 @@ def render_summary(
 def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> float:
     """Draw the title, patient, study and warning lines; return the top of the findings column."""
     figure.text(0.02, 0.965, "Coronary artery calcium score", color=_TEXT, fontsize=22, weight="bold", va="top")
-    patient = _drawable(
-        f"{_display_name(header.get('PatientName'))}   ID {header.get('PatientID') or '-'}   "
-        f"born {_display_date(header.get('PatientBirthDate'))}   sex {header.get('PatientSex') or '-'}"
-    )
+    patient = _patient_line(header)
     study = _drawable(
         f"Study {_display_date(header.get('StudyDate'))}   accession {header.get('AccessionNumber') or '-'}   "
         f"series {header.get('SeriesNumber', '-')} {header.get('SeriesDescription', '')}"
@@ -416,6 +413,20 @@ def _source_reference(volume: CTVolume, index: int) -> Dataset:
     if volume.frame_numbers is not None:
         item.ReferencedFrameNumber = volume.frame_numbers[index]
     return item
+
+
+def _patient_line(header: Dataset, width: int = 60) -> str:
+    """Return "NAME   ID …   born …   sex …" in about `width` characters.
+
+    The name gives way first, so a long name never hides the patient ID.
+    """
+    details = (f"   ID {header.get('PatientID') or '-'}   born {_display_date(header.get('PatientBirthDate'))}"
+               f"   sex {header.get('PatientSex') or '-'}")
+    name = _display_name(header.get("PatientName"))
+    room = max(12, width - len(details))
+    if len(name) > room:
+        name = name[: room - 1].rstrip() + "…"
+    return _drawable(name + details)
 
 
 def _display_name(value: object) -> str:

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from node.commands.train import output_file_problem, parse_seeds, positive_int
+from node.commands.train import output_file_problem, parse_seeds, positive_int, thread_count
 
 HELP = (
     "evaluate models on held-out phantom seeds or annotated series; prints the detection "
@@ -57,7 +57,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="slices per forward pass (default 4)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
 

@@ -62,7 +62,7 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
         node.jobs.JobStoreError: no such job.
     """
     from node.jobs import ACTIVE_STATES, DONE, FAILED, JobStore
-    from node.storage import InstanceStore
+    from node.storage import InstanceStore, NodeLock
 
     store = InstanceStore(settings.storage.root, settings.storage.min_free_space_mb)
     if not store.database_path.is_file():
@@ -103,7 +103,8 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
         action = "sends the outputs not yet stored" if resend_only else "scores the series again"
         logger.info("job %d study %s series %s: %s; the node %s", job_id, job.study_instance_uid,
                     job.series_instance_uid, note, action)
-        return f"job {job_id} queued: the running node {action}" + (f" ({resolved})" if resolved else "")
+        node = "the running node" if NodeLock.holder(store.root) is not None else "the node, once started,"
+        return f"job {job_id} queued: {node} {action}" + (f" ({resolved})" if resolved else "")
     finally:
         jobs.close()
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from node.commands.train import positive_int
+from node.commands.train import thread_count
 
 HELP = (
     "score a calcium-scoring CT series: Agatston, volume and mass per artery, risk "
@@ -75,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         help="CPU threads for the model (default: from --config, else one per core)",
     )
@@ -107,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_settings, names_shipped_model, uid_root_problem
+    from node.config import ConfigError, load_settings, names_shipped_model, onnx_off_cpu, uid_root_problem
     from scoring.agatston import score_volume
     from scoring.config import ProtocolPolicy, ScoringParameters
     from scoring.errors import AmbiguousSeriesError, LabelError, SeriesError
@@ -153,9 +153,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"cacs-node score: --out {args.out}: {out_problem}", file=sys.stderr)
             return EXIT_INPUT_ERROR
 
-    if not args.labels:
+    if args.labels:
+        unused = [option for option, value in (("--model", args.model), ("--device", args.device),
+                                               ("--runtime", args.runtime), ("--threads", args.threads))
+                  if value is not None]
+        if unused:
+            print(f"cacs-node score: {', '.join(unused)} not used: --labels scores the given label map "
+                  "without the model", file=sys.stderr)
+    else:
         # An unusable device is an option error, found before the series is read.
         from scoring.inference import ModelError, device_for_runtime, resolve_device
+
+        if onnx_off_cpu(runtime, device):
+            print(f"cacs-node score: runtime onnx runs on the CPU only, but the device is {device}; "
+                  "give --device cpu, or --runtime auto or torch for the GPU", file=sys.stderr)
+            return EXIT_INPUT_ERROR
 
         device = device_for_runtime(device, runtime)
         if threads:

@@ -37,13 +37,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"cacs-node status: {error}", file=sys.stderr)
         return 2
     database = InstanceStore(settings.storage.root, settings.storage.min_free_space_mb).database_path
-    if not database.is_file():
-        print(f"cacs-node status: no job database at {database}; the node has not received anything yet",
-              file=sys.stderr)
-        return 1
     if args.limit < 1:
         print(f"cacs-node status: invalid --limit {args.limit}: expected 1 or more", file=sys.stderr)
         return 2
+    holder = NodeLock.holder(settings.storage.root)
+    if not database.is_file():
+        if args.job is not None:
+            print(f"cacs-node status: no job {args.job}: there is no job database at {database} yet",
+                  file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"node": _node_json(holder), "jobs": [], "receiving": []}, indent=2))
+        else:
+            _print_node(holder, settings.storage.root)
+            print(f"no jobs yet (no job database at {database}: the node has not received anything)")
+        return 0
 
     store = JobStore(database)
     try:
@@ -65,17 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
         jobs = store.jobs(limit=args.limit)
         receiving = store.receiving_series()
-        holder = NodeLock.holder(settings.storage.root)
         if args.json:
-            node = {"running": holder is not None, "process_id": holder or None}
-            print(json.dumps({"node": node, "jobs": [job.to_json() for job in jobs], "receiving": receiving},
-                             indent=2))
+            print(json.dumps({"node": _node_json(holder), "jobs": [job.to_json() for job in jobs],
+                              "receiving": receiving}, indent=2))
             return 0
-        if holder is None:
-            print(f"node: not running (no cacs-node serve holds {settings.storage.root}); received series "
-                  "and unfinished jobs wait for the next start")
-        else:
-            print(f"node: running{f' (process {holder})' if holder else ''}")
+        _print_node(holder, settings.storage.root)
         _print_receiving(receiving, settings.scoring.quiet_period_s)
         if not jobs:
             print("no jobs yet")
@@ -91,6 +93,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _node_json(holder: int | None) -> dict:
+    return {"running": holder is not None, "process_id": holder or None}
+
+
+def _print_node(holder: int | None, root: object) -> None:
+    """Print whether a node runs on the storage root (`NodeLock.holder`)."""
+    if holder is None:
+        print(f"node: not running (no cacs-node serve holds {root}); received series and unfinished "
+              "jobs wait for the next start")
+    else:
+        print(f"node: running{f' (process {holder})' if holder else ''}")
 
 
 def _print_receiving(receiving: list[dict], quiet_period_s: float) -> None:

@@ -29,6 +29,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """Parse a CPU thread count: a whole number from 1 to MAX_THREADS."""
+    from node.config import MAX_THREADS
+
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"invalid thread count {value}: expected at most {MAX_THREADS}")
+    return value
+
+
 def output_file_problem(output: Path, inputs: Sequence[Path | None] = ()) -> str | None:
     """Describe why a file cannot be written to `output`, or return None.
 
@@ -163,7 +173,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           "after the first epoch began, i.e. not counting the generation of "
                           "phantom series (default: no limit)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights and sampling (default 0)")
-    run.add_argument("--threads", type=positive_int, default=None,
+    run.add_argument("--threads", type=thread_count, default=None,
                      help="torch CPU threads (default: torch's choice)")
     run.add_argument("--device", default="auto",
                      help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
@@ -242,6 +252,12 @@ def run(args: argparse.Namespace) -> int:
         problem = (
             f"{args.output_dir} already contains a run (last.pt); continue it with --resume "
             f"{args.output_dir / 'last.pt'}, or give a new folder"
+        )
+    if (problem is None and args.resume is not None and (args.output_dir / "last.pt").exists()
+            and args.resume.resolve().parent != args.output_dir.resolve()):
+        problem = (
+            f"{args.output_dir} already contains another run (last.pt), which resuming "
+            f"{args.resume} there would replace; give a new folder, or the folder of {args.resume}"
         )
     if problem is None and args.export is not None:
         run_files = [args.output_dir / "best.pt", args.output_dir / "last.pt"]

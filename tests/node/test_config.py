@@ -236,7 +236,7 @@ def test_parse_settings_threads(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as negative:
         parse_settings("[scoring]\nthreads = -1\n", base_dir=tmp_path)
     assert negative.value.problems == [
-        "[scoring] threads = -1: give 0 to let torch choose (one per core) or a positive count"
+        "[scoring] threads = -1: give 0 to let torch choose (one per core) or a count from 1 to 1024"
     ]
 
 
@@ -244,3 +244,25 @@ def test_parse_settings_default_model_names(tmp_path: Path) -> None:
     for text in ('""', '"default"', '" default "'):
         settings = parse_settings(f"[scoring]\nmodel_path = {text}\n", base_dir=tmp_path)
         assert settings.scoring.model_path is None
+
+
+def test_parse_settings_model_path_folder_named_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ConfigError, match=r"model_path = 'models': a folder at .*models; give an existing model file"):
+        parse_settings('[scoring]\nmodel_path = "models"\n', base_dir=tmp_path)
+
+
+def test_parse_settings_onnx_with_an_invalid_device_gives_one_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as invalid:
+        parse_settings('[scoring]\nruntime = "onnx"\ndevice = "CUDA"\n', base_dir=tmp_path)
+    assert invalid.value.problems == [
+        '[scoring] device = \'CUDA\': allowed values are "auto", "cpu", "cuda" or "cuda:N"'
+    ]
+
+
+def test_parse_settings_threads_above_the_cap(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as huge:
+        parse_settings("[scoring]\nthreads = 100000\n", base_dir=tmp_path)
+    assert huge.value.problems == [
+        "[scoring] threads = 100000: give 0 to let torch choose (one per core) or a count from 1 to 1024"
+    ]

@@ -250,7 +250,8 @@ def test_destination_refusing_seg_fails_job_other_sends_continue(settings: NodeS
         # The operator fixes the PACS and retries: only the refused SEG is sent again.
         pipeline.refused_kinds.clear()
         pipeline.sent.clear()
-        assert "sends the outputs not yet stored" in retry_job(settings, job.id)
+        message = retry_job(settings, job.id)
+        assert message == f"job {job.id} queued: the running node sends the outputs not yet stored"
         wait_for(lambda: store.job(job.id).state == DONE, 20, "retried job did not finish")
     finally:
         server.stop()
@@ -736,3 +737,39 @@ def test_status_says_when_a_node_holds_the_storage_root(tmp_path: Path, capsys: 
         assert json.loads(capsys.readouterr().out)["node"] == {"running": True, "process_id": os.getpid()}
     finally:
         lock.release()
+
+
+def test_status_before_anything_arrived(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "storage"
+    path = tmp_path / "node.toml"
+    path.write_text(f'[storage]\nroot = "{root}"\n', encoding="utf-8")
+
+    assert main(["status", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("node: not running (no cacs-node serve holds ")
+    assert lines[1] == (f"no jobs yet (no job database at {root / 'jobs.sqlite3'}: the node has not "
+                        "received anything)")
+    assert main(["status", "--config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "node": {"running": False, "process_id": None}, "jobs": [], "receiving": [],
+    }
+    assert main(["status", "3", "--config", str(path)]) == 1
+    assert "no job 3: there is no job database at" in capsys.readouterr().err
+    # Status only reads: it creates neither the root nor a database.
+    assert not root.exists()
+
+
+def test_retry_while_no_node_runs_says_it_waits_for_the_start(settings: NodeSettings, pipeline: FakePipeline) -> None:
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="stopped")
+        store_all(server.port, datasets)
+        assert server.wait_idle(20)
+        job = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+    finally:
+        server.stop()
+
+    message = retry_job(settings, job.id, force=True)
+
+    assert message == f"job {job.id} queued: the node, once started, scores the series again"

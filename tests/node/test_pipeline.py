@@ -73,6 +73,6 @@ def test_scoring_pipeline_refuses_images_smaller_than_a_heart(tmp_path: Path) ->
     model_path = write_untrained_model(tmp_path / "untrained.pt")
     settings = replace(settings, scoring=replace(settings.scoring, model_path=model_path, runtime="torch"))
 
-    with pytest.raises(FieldOfViewError, match=r"the images cover 32 × 32 mm \(64 × 64 pixels of 0.5 × 0.5 mm\), "
+    with pytest.raises(FieldOfViewError, match=r"the images cover 32.0 × 32.0 mm \(64 × 64 pixels of 0.5 × 0.5 mm\), "
                        r"less than the 100 mm in each direction that a heart needs"):
         ScoringPipeline(settings).score(paths)

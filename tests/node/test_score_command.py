@@ -352,6 +352,39 @@ def test_score_with_the_model_refuses_images_smaller_than_a_heart(
     dicom_dir, labels_path, _ = scored_case
 
     assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--runtime", "torch"]) == 2
-    assert "the images cover 16 × 16 mm (32 × 32 pixels of 0.5 × 0.5 mm)" in capsys.readouterr().err
+    assert ("the images have 32 × 32 pixels of 0.5 × 0.5 mm; the model needs at least 64 pixels in each "
+            "direction") in capsys.readouterr().err
     # A label map needs no model, so the same series scores from it.
     assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path)]) == 0
+
+
+def test_score_labels_name_model_options_that_do_not_apply(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, labels_path, _ = scored_case
+
+    status = main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path),
+                   "--model", "other.pt", "--threads", "2"])
+
+    captured = capsys.readouterr()
+    assert status == 0
+    assert captured.err == ("cacs-node score: --model, --threads not used: --labels scores the given label "
+                            "map without the model\n")
+    assert "Total        26.0        30.0      7.18        2" in captured.out.splitlines()
+
+
+def test_score_onnx_on_cuda_exits_two_before_reading(
+    scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dicom_dir, _, _ = scored_case
+
+    assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--runtime", "onnx", "--device", "cuda"]) == 2
+    assert "runtime onnx runs on the CPU only, but the device is cuda" in capsys.readouterr().err
+
+
+def test_score_threads_above_the_cap_exit_two(scored_case: tuple[Path, Path, str], capsys) -> None:
+    dicom_dir, _, _ = scored_case
+    with pytest.raises(SystemExit) as stopped:
+        main(["score", str(dicom_dir), "--threads", "100000"])
+    assert stopped.value.code == 2
+    assert "invalid thread count 100000: expected at most 1024" in capsys.readouterr().err

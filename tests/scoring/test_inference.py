@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +399,55 @@ def test_load_model_version_follows_the_weights(tmp_path: Path):
     assert loaded.model_version == expected
     assert loaded.model_version != shipped
     assert loaded.model_version.startswith("mtl-uncertainty-") and loaded.model_version.endswith("-t0.63")
+
+
+def _sized_volume(rows: int, columns: int, spacing: tuple[float, float]) -> CTVolume:
+    volume = _volume(np.full((1, rows, columns), -1000.0, dtype=np.float32))
+    return dataclasses.replace(volume, pixel_spacing=spacing)
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "spacing", "message"),
+    [
+        # 256 × 0.3904 mm = 99.94 mm: shown rounded down, so it reads below the limit.
+        (256, 256, (0.3904, 0.8), r"the images cover 99\.9 × 204\.8 mm \(256 × 256 pixels of 0\.3904 × 0\.8 mm\)"),
+        (1, 256, (150.0, 0.5), r"the images have 1 × 256 pixels of 150 × 0\.5 mm; the model needs at least 64"),
+        (63, 256, (2.0, 2.0), r"the images have 63 × 256 pixels"),
+    ],
+)
+def test_segment_volume_refuses_images_smaller_than_a_heart(rows, columns, spacing, message):
+    from scoring.errors import FieldOfViewError
+
+    with pytest.raises(FieldOfViewError, match=message):
+        inference.segment_volume(_sized_volume(rows, columns, spacing), device="cpu")
+
+
+def test_segment_volume_accepts_the_smallest_field_of_view():
+    # 64 pixels of 1.5625 mm are exactly 100 mm.
+    segmentation = inference.segment_volume(_sized_volume(64, 64, (1.5625, 1.5625)), device="cpu")
+    assert segmentation.labels.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model_name": "my\\model"}, r"metadata model_name or synthetic_only: model version 'my\\\\model-"),
+        ({"model_name": "x" * 40}, r"is invalid; expected a non-empty text of at most 58 characters"),
+        ({"synthetic_only": True}, r"model caution True is invalid"),
+        ({"synthetic_only": "c" * 513}, r"expected a non-empty text of at most 512 characters"),
+        ({"lesion_threshold": "0.7"}, r"lesion threshold must be a number strictly between 0 and 1, got '0.7' \(str\)"),
+        ({"lesion_threshold": True}, r"got True \(bool\)"),
+    ],
+)
+def test_load_model_refuses_metadata_the_outputs_cannot_carry(tmp_path: Path, changes, message):
+    path, _ = _edited_copy(tmp_path, "edited.pt", **changes)
+    with pytest.raises(inference.ModelError, match=message):
+        inference.load_model(path, "cpu")
+
+
+def test_load_model_version_tells_close_thresholds_apart(tmp_path: Path):
+    shipped = inference.load_model(None, "cpu").model_version
+    path, _ = _edited_copy(tmp_path, "close.pt", lesion_threshold=0.6300001)
+    close = inference.load_model(path, "cpu").model_version
+    assert close == shipped.rsplit("-t", 1)[0] + "-t0.6300001"
+    assert close != shipped

@@ -789,3 +789,16 @@ def test_training_config_caps_validation_crops():
         training.TrainingConfig(validation_crops=4097)
     with pytest.raises(ValueError, match=r"1025 validation crops of 512² would hold 2\.0 GiB"):
         training.TrainingConfig(validation_crops=1025, crop_size=512)
+
+
+def test_train_command_resume_into_another_run_exits_2(tmp_path: Path, capsys):
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "first"), *_TINY_RUN]) == 0
+    assert main(["train", str(tmp_path / "second"), *_TINY_RUN]) == 0
+    other = (tmp_path / "second" / "last.pt").read_bytes()
+    resumed = tmp_path / "first" / "last.pt"
+    arguments = ["train", str(tmp_path / "second"), *_TINY_RUN, "--epochs", "2", "--resume", str(resumed)]
+    assert main(arguments) == 2
+    assert "second already contains another run (last.pt), which resuming" in capsys.readouterr().err
+    assert (tmp_path / "second" / "last.pt").read_bytes() == other

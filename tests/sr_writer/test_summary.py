@@ -197,3 +197,21 @@ def test_crop_window_centres_on_calcium():
 def test_crop_window_without_calcium_whole_image():
     case = make_case(())
     assert crop_window(case.volume, scored_labels(case.volume, case.labels, case.result)) == ((0, 40), (0, 36))
+
+
+def test_patient_line_shortens_a_long_name_but_keeps_the_id():
+    from pydicom.dataset import Dataset
+
+    from sr_writer.summary import _patient_line
+
+    header = Dataset()
+    header.PatientName = "Wolfeschlegelsteinhausenbergerdorff^Hubert Blaine Ångström^Max"
+    header.PatientID = "CACS-0042"
+    header.PatientBirthDate = "19500102"
+    header.PatientSex = "M"
+    line = _patient_line(header)
+    assert line.endswith("   ID CACS-0042   born 1950-01-02   sex M")
+    assert line.startswith("Wolfeschlegelstein…   ID")
+    assert len(line) == 60
+    header.PatientName = "Short^Name"
+    assert _patient_line(header) == "Short, Name   ID CACS-0042   born 1950-01-02   sex M"
