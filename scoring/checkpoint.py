@@ -20,6 +20,7 @@ import logging
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,19 @@ def model_version(
     """
     version = f"{model_name}-{hash_state_dict(state_dict)[:12]}"
     return version if lesion_threshold is None else f"{version}-t{float(lesion_threshold)!r}"
+
+
+def seen_in_training(metadata: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """Return the series of `names` that the checkpoint's metadata lists as training series.
+
+    Training summaries list up to 200 series names (phantom-N for phantom
+    seeds, the case folder's name otherwise), so a longer training set is
+    checked in part only. Names of other data sets may coincide by chance.
+    """
+    training = (metadata.get("training_data") or {}).get("training") or {}
+    listed = training.get("names") if isinstance(training, dict) else None
+    known = {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
+    return [name for name in names if name in known]
 
 
 @dataclass

@@ -886,6 +886,14 @@ def train(
     training_state = None
 
     source = starting_checkpoint(config, resume=resume, continue_from=continue_from)
+    if source is not None:
+        seen = checkpoint_module.seen_in_training(source.metadata, [case.name for case in validation_cases])
+        if seen:
+            logger.warning(
+                "%d validation series were training series of %s (%s), so the validation F1 "
+                "overstates the model; validate on series it has not seen",
+                len(seen), resume or continue_from, ", ".join(seen[:10]),
+            )
     if continue_from is not None:
         module.network.load_state_dict(source.state_dict)
         weighting_state = (source.training_state or {}).get("weighting")

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from node.commands.evaluate import add_run_options, load_cases, parse_model
+from node.commands.evaluate import add_run_options, load_cases, parse_model, warn_if_trained_on
 from node.commands.train import output_file_problem, parse_seeds
 
 HELP = (
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print("cacs-node calibrate: no validation series: give --phantom-seeds or --data",
               file=sys.stderr)
         return 2
+    warn_if_trained_on(f"cacs-node calibrate: model {name}", loaded.metadata, cases)
     if not any(np.isin(case.labels, coronary).any() for case in cases):
         print("cacs-node calibrate: the validation series contain no coronary calcium, so "
               "no threshold can be judged; add series with calcium (more seeds or slices)",

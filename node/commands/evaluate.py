@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from node.commands.train import output_file_problem, parse_seeds, positive_int, thread_count
@@ -16,6 +17,18 @@ HELP = (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def warn_if_trained_on(prefix: str, metadata: dict, cases: Sequence) -> None:
+    """Warn on standard error when the model was trained on some of `cases`, whose results then flatter it."""
+    from scoring.checkpoint import seen_in_training
+
+    seen = seen_in_training(metadata, [case.name for case in cases])
+    if seen:
+        listed = ", ".join(seen[:10]) + (f" and {len(seen) - 10} more" if len(seen) > 10 else "")
+        print(f"{prefix}: warning: {len(seen)} of the {len(cases)} series were training series of this "
+              f"model ({listed}), so its results on them overstate it; use series it has not seen",
+              file=sys.stderr)
 
 
 def parse_model(text: str) -> tuple[str, Path | None]:
@@ -119,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"cacs-node evaluate: model {name}: {error}", file=sys.stderr)
             return 2
         versions[name] = loaded.model_version
+        warn_if_trained_on(f"cacs-node evaluate: model {name}", loaded.metadata, cases)
         reports[name] = evaluation.evaluate_model(
             name, loaded, cases, batch_size=args.batch_size, runtime=args.runtime
         )

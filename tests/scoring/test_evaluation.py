@@ -302,3 +302,22 @@ def test_evaluate_command_json_over_default_model_exits_2(tmp_path: Path, capsys
     assert status == 2
     assert "is also an input of this command; give a new path" in capsys.readouterr().err
     assert shipped.read_bytes() == before
+
+
+def test_evaluate_command_warns_about_series_the_model_trained_on(capsys):
+    from node.cli import main
+
+    status = main(["evaluate", "--phantom-seeds", "5,2001", "--phantom-slices", "2", "--device", "cpu",
+                   "--threads", "1", "--runtime", "torch"])
+
+    assert status == 0
+    # The shipped model was trained on phantom seeds 0-39.
+    assert ("cacs-node evaluate: model default: warning: 1 of the 2 series were training series of this "
+            "model (phantom-5), so its results on them overstate it") in capsys.readouterr().err
+
+
+def test_seen_in_training_reads_the_listed_names():
+    metadata = {"training_data": {"training": {"names": ["phantom-1", "case-a"]}}}
+    assert checkpoint.seen_in_training(metadata, ["case-a", "phantom-2", "phantom-1"]) == ["case-a", "phantom-1"]
+    assert checkpoint.seen_in_training({}, ["phantom-1"]) == []
+    assert checkpoint.seen_in_training({"training_data": {"training": {"names": "phantom-1"}}}, ["phantom-1"]) == []

@@ -802,3 +802,16 @@ def test_train_command_resume_into_another_run_exits_2(tmp_path: Path, capsys):
     assert main(arguments) == 2
     assert "second already contains another run (last.pt), which resuming" in capsys.readouterr().err
     assert (tmp_path / "second" / "last.pt").read_bytes() == other
+
+
+def test_continue_from_warns_when_validation_series_were_training_series(tmp_path: Path, caplog):
+    from node.cli import main
+
+    assert main(["train", str(tmp_path / "first"), *_TINY_RUN]) == 0
+    # The first run trained on seed 7; the second validates on it.
+    arguments = ["train", str(tmp_path / "second"), *_TINY_RUN, "--phantom-seeds", "9",
+                 "--validation-seeds", "7", "--continue-from", str(tmp_path / "first" / "best.pt")]
+    with caplog.at_level("WARNING", logger="scoring.training"):
+        assert main(arguments) == 0
+    assert "1 validation series were training series of" in caplog.text
+    assert "(phantom-7), so the validation F1 overstates the model" in caplog.text
