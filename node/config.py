@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -266,6 +267,28 @@ def settings_warnings(settings: NodeSettings) -> list[str]:
             "free space or lower the minimum"
         )
     return warnings
+
+
+def storage_root_problem(root: Path) -> str | None:
+    """Describe why this process cannot create or write the storage root, or return None.
+
+    The root may be missing: then `serve` creates it in its nearest existing
+    parent. A folder is made and removed there to test that, because
+    permissions alone do not tell (root may write anywhere but in /proc).
+    """
+    for folder in (root, *root.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            return f"[storage] root {root}: {folder} is not a folder"
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".cacs-node-check-", dir=folder))
+        except OSError as error:
+            action = "write to" if folder == root else f"create {root} in"
+            return (f"[storage] root {root}: this user cannot {action} {folder} ({error.strerror}); "
+                    "choose another root or give the node's user write access")
+        return None
+    return f"[storage] root {root}: no part of the path exists"
 
 
 def _free_space_mb(root: Path) -> int | None:

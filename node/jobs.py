@@ -479,6 +479,9 @@ class JobStore:
                 (series_uid, series["study_instance_uid"], state, reason, count, previous[0] if previous else None, now, now),
             )
             job_id = int(cursor.lastrowid or 0)
+            if with_job_id(reason, job_id) != reason:
+                reason = with_job_id(reason, job_id)
+                cursor.execute("UPDATE jobs SET reason = ? WHERE id = ?", (reason, job_id))
             cursor.execute(
                 "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
                 (job_id, now, state, reason or f"series complete with {count} instance(s)"),
@@ -725,6 +728,11 @@ def _cross_series(cursor: sqlite3.Cursor, series_uid: str) -> dict[str, str]:
         (series_uid,),
     ).fetchall()
     return {row[0]: row[1] for row in rows}
+
+
+def with_job_id(reason: str, job_id: int) -> str:
+    """Put the job's id into a series reason, written before the job existed as `cacs-node retry JOB`."""
+    return reason.replace("cacs-node retry JOB", f"cacs-node retry {job_id}")
 
 
 def _cross_series_reason(series_uid: str, moved: dict[str, str]) -> str:

@@ -22,7 +22,7 @@ class TracebackFilter(logging.Filter):
 
 
 def reduce_library_log_noise() -> None:
-    """Quiet pydicom's value warnings and pynetdicom's tracebacks for the whole process.
+    """Quiet pydicom's value warnings, pynetdicom's tracebacks and highdicom's INFO lines for the whole process.
 
     The Storage SCP checks the UIDs it needs and logs one line with the
     C-STORE status, so pydicom's "Invalid value for VR UI" warnings (logged
@@ -40,3 +40,7 @@ def reduce_library_log_noise() -> None:
     names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] == "pynetdicom"]
     for name in names:
         logging.getLogger(name).addFilter(network_filter)
+    # highdicom logs 7 or 8 INFO lines per written object ("copy attributes of
+    # module ..."); its warnings and errors stay, and --log-level DEBUG shows all.
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -39,7 +39,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -57,6 +57,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -247,6 +248,17 @@ def _failure(status: int, comment: str) -> Dataset:
     return response
 
 
+def describe_rejected_contexts(contexts: Sequence[Any], limit: int = 5) -> str:
+    """Describe rejected presentation contexts as "CT Image Storage with JPEG Baseline (...): reason"; "" for none."""
+    parts = []
+    for context in contexts[:limit]:
+        syntaxes = ", ".join(UID(syntax).name for syntax in (context.transfer_syntax or [])) or "no transfer syntax"
+        parts.append(f"{UID(context.abstract_syntax).name} with {syntaxes}: {context.status}")
+    if len(contexts) > limit:
+        parts.append(f"and {len(contexts) - limit} more")
+    return "; ".join(parts)
+
+
 class StorageSCP:
     """Verification and Storage SCP that files received instances and registers them as jobs.
 
@@ -391,6 +403,14 @@ class StorageSCP:
         with self._counts_lock:
             self._counts[id(event.assoc)] = {}
         logger.info("association established with %s", caller_of(event.assoc))
+        rejected = describe_rejected_contexts(event.assoc.rejected_contexts)
+        if rejected:
+            # A scanner that proposes only lossy syntaxes sends nothing; this line says why.
+            logger.warning(
+                "association with %s: rejected presentation context(s) %s; the node accepts the "
+                "uncompressed and lossless transfer syntaxes of docs/conformance.md",
+                caller_of(event.assoc), rejected,
+            )
 
     def _handle_closed(self, event: evt.Event) -> None:
         self._release_slot(event.assoc)

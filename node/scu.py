@@ -190,6 +190,8 @@ class _AssociationOutcome:
 
     rejection: str = ""
     rejection_permanent: bool = False
+    #: (source, reason) of an A-ASSOCIATE-RJ, None when there was none.
+    rejection_code: tuple[int, int] | None = None
     connected: bool = False
     no_accepted_context: bool = False
 
@@ -572,13 +574,22 @@ def _capture_rejection(event: evt.Event, outcome: _AssociationOutcome) -> None:
         f"reason {primitive.diagnostic} ({primitive.reason_str})"
     )
     outcome.rejection_permanent = result == 1
+    outcome.rejection_code = (primitive.result_source, primitive.diagnostic)
+
+
+#: A-ASSOCIATE-RJ reason 7 of the service user (source 1): called AE title not recognised.
+CALLED_AE_NOT_RECOGNISED = 7
 
 
 def _association_failure(
     assoc: Association, outcome: _AssociationOutcome, calling_ae_title: str, peer: str
 ) -> str:
     if assoc.is_rejected and outcome.rejection:
-        hint = "check that the destination lists calling AE title " f"{calling_ae_title!r} and this host"
+        if outcome.rejection_code == (1, CALLED_AE_NOT_RECOGNISED):
+            hint = (f"the destination does not answer to called AE title {assoc.acceptor.ae_title!r}; "
+                    "check its AE title in node.toml, then restart the node")
+        else:
+            hint = f"check that the destination lists calling AE title {calling_ae_title!r} and this host"
         return f"association {calling_ae_title} -> {peer} rejected: {outcome.rejection}; {hint}"
     if assoc.is_rejected:
         return f"association {calling_ae_title} -> {peer} rejected"
@@ -588,7 +599,7 @@ def _association_failure(
         return (
             f"destination {peer} accepted none of the proposed presentation contexts "
             f"({', '.join(proposed)}); configure it to accept these SOP classes or remove "
-            "these output kinds from its outputs in node.toml"
+            "these output kinds from its outputs in node.toml, then restart the node"
         )
     if outcome.connected:
         return (
@@ -597,14 +608,15 @@ def _association_failure(
         )
     return (
         f"no association with {peer}: connection failed or timed out; check that the "
-        "destination is running and that host and port in node.toml are right"
+        "destination is running and that host and port in node.toml are right (restart the "
+        "node after a change)"
     )
 
 
 def _connection_error(host: str, peer: str, error: OSError) -> str:
     return (
         f"no association with {peer}: connecting to host {host!r} failed ({error}); check the "
-        "host name or address in node.toml and the name service"
+        "host name or address in node.toml (restart the node after a change) and the name service"
     )
 
 
@@ -647,7 +659,8 @@ def _send_on_association(
                 f"destination rejected every presentation context for "
                 f"{_sop_class_name(item.sop_class_uid)} with {item.transfer_syntax_uid.name} "
                 "or an uncompressed transfer syntax; configure the destination to accept "
-                "this SOP class or remove this output kind from its outputs in node.toml"
+                "this SOP class or remove this output kind from its outputs in node.toml, then "
+                "restart the node"
             )
             LOGGER.error(
                 "not sending SOP Instance %s to %s: %s", item.sop_instance_uid, peer, reason

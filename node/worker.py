@@ -18,7 +18,9 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from node.config import Destination, NodeSettings
-from node.jobs import DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, Job, JobStore, series_fingerprint
+from node.jobs import (
+    DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, Job, JobStore, series_fingerprint, with_job_id,
+)
 from node.pipeline import Pipeline, ScoredSeries
 from node.storage import InstanceStore
 from scoring.errors import SeriesError
@@ -119,7 +121,7 @@ class JobRunner:
     def _fail_unexpectedly(self, job_id: int) -> None:
         try:
             self.jobs.set_state(
-                job_id, FAILED, "internal error in the node; see the node log, then run `cacs-node retry JOB`"
+                job_id, FAILED, f"internal error in the node; see the node log, then run `cacs-node retry {job_id}`"
             )
         except Exception:
             logger.exception("cannot mark job %d as failed", job_id)
@@ -155,7 +157,7 @@ class JobRunner:
         """Score the series' current instances; return None when the job ended here."""
         conflict = self.jobs.series_conflict(job.series_instance_uid)
         if conflict:
-            self._finish(job, REFUSED, conflict, ids)
+            self._finish(job, REFUSED, with_job_id(conflict, job.id), ids)
             return None
 
         instances = self.jobs.series_instances(job.series_instance_uid)

@@ -179,7 +179,8 @@ def _raise_refused(found: Sequence[tuple[str, ProtocolFlag | None]], series: str
         reasons = "; ".join(flag.message for flag in rejected)
         raise ProtocolRefusedError(
             f"series {series} is not a calcium-scoring acquisition: {reasons}. "
-            "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy"
+            "Send a non-contrast 120 kVp cardiac series with 2.5–3.0 mm slices, or change the protocol policy "
+            "in node.toml ([scoring] contrast_policy, kvp_policy, thickness_policy, body_part_policy)"
         )
 
 

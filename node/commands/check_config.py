@@ -17,13 +17,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, default_config_path, load_settings, settings_warnings
+    from node.config import (
+        ConfigError, default_config_path, load_settings, settings_warnings, storage_root_problem,
+    )
 
     path = args.config or default_config_path()
     try:
         settings = load_settings(path)
     except ConfigError as error:
         print(f"cacs-node check-config: {error}", file=sys.stderr)
+        return 1
+
+    problem = storage_root_problem(settings.storage.root)
+    if problem:
+        print(f"cacs-node check-config: {path}: {problem}", file=sys.stderr)
         return 1
 
     model_path = settings.scoring.model_path

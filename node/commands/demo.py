@@ -71,7 +71,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="cacs-node-demo-"))
     work_dir = work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"cacs-node demo: cannot create the working folder {work_dir} ({error.strerror}); give "
+              "--work-dir a folder you can write to", file=sys.stderr)
+        return 2
     print(f"working folder: {work_dir}")
 
     try:
@@ -225,6 +230,10 @@ def _print_scores(result: dict[str, Any], truth: dict[str, Any]) -> None:
             f"{mass.get(artery, 0.0):10.1f}   {expected_text}"
         )
     print(f"  risk category: {result.get('risk_category', '-')}, CAC-DRS: {result.get('cac_drs', '-')}")
+    true_category = truth.get("risk_category")
+    if true_category is not None and true_category != result.get("risk_category"):
+        print(f"  the phantom's true risk category is {true_category}: the model's differs. Its accuracy "
+              "on held-out phantom series is in scoring/models/MODEL_CARD.md")
     flags = result.get("flags") or []
     if flags:
         print(f"  protocol flags: {', '.join(str(flag) for flag in flags)}")

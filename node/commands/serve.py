@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     server = NodeServer(settings, pipeline=pipeline)
     try:
         server.start()
-    except (StorageError, OSError) as error:
+    except StorageError as error:
+        # Its message names the storage root and what to change.
+        print(f"cacs-node serve: not starting: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
         print(
             f"cacs-node serve: not starting: {error}; check [node] bind_address/port and [storage] root in {path}",
             file=sys.stderr,

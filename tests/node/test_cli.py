@@ -95,3 +95,29 @@ def test_score_help_lists_exit_statuses(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0 scored; 2 the series" in text
     assert "3 the segmentation model cannot be loaded or run; 130 interrupted" in text
+
+
+def test_library_noise_quiets_highdicom_info_but_not_at_debug():
+    from node.logs import reduce_library_log_noise
+
+    highdicom = logging.getLogger("highdicom")
+    root = logging.getLogger()
+    saved = (highdicom.level, root.level)
+    try:
+        highdicom.setLevel(logging.NOTSET)
+        root.setLevel(logging.INFO)
+        reduce_library_log_noise()
+        assert highdicom.getEffectiveLevel() == logging.WARNING
+
+        highdicom.setLevel(logging.NOTSET)
+        root.setLevel(logging.DEBUG)
+        reduce_library_log_noise()
+        assert highdicom.getEffectiveLevel() == logging.DEBUG
+    finally:
+        highdicom.setLevel(saved[0])
+        root.setLevel(saved[1])
+
+
+def test_demo_unwritable_work_dir_exits_two(capsys):
+    assert main(["demo", "--work-dir", "/proc/cacs-node-demo"]) == 2
+    assert "cacs-node demo: cannot create the working folder /proc/cacs-node-demo" in capsys.readouterr().err

@@ -266,3 +266,19 @@ def test_parse_settings_threads_above_the_cap(tmp_path: Path) -> None:
     assert huge.value.problems == [
         "[scoring] threads = 100000: give 0 to let torch choose (one per core) or a count from 1 to 1024"
     ]
+
+
+def test_storage_root_problem(tmp_path: Path) -> None:
+    from node.config import storage_root_problem
+
+    assert storage_root_problem(tmp_path / "new" / "root") is None
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    assert storage_root_problem(tmp_path / "file" / "root") == (
+        f"[storage] root {tmp_path / 'file' / 'root'}: {tmp_path / 'file'} is not a folder"
+    )
+    problem = storage_root_problem(Path("/proc/cacs-node-root"))
+    assert problem is not None and problem.startswith(
+        "[storage] root /proc/cacs-node-root: this user cannot create /proc/cacs-node-root in /proc ("
+    )
+    assert list(tmp_path.glob(".cacs-node-check-*")) == []

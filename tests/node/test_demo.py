@@ -98,3 +98,17 @@ def test_demo_command_default_model_exits_zero(tmp_path: Path) -> None:
     shipped = load_model(None, "cpu")
     assert f"  model {shipped.model_version}" in completed.stdout.splitlines()
     assert f"  CAUTION, model: {shipped.caution}" in completed.stdout.splitlines()
+
+
+def test_print_scores_says_when_the_risk_category_differs_from_the_truth(capsys) -> None:
+    from node.commands.demo import _print_scores
+
+    truth = {"agatston": {"LAD": 0.0, "LCX": 0.0, "RCA": 7.4, "total": 7.4}, "risk_category": "II"}
+    _print_scores({"agatston": {"total": 213.5}, "risk_category": "III", "cac_drs": "A2/N1"}, truth)
+    lines = capsys.readouterr().out.splitlines()
+    assert "  risk category: III, CAC-DRS: A2/N1" in lines
+    assert lines[-1] == ("  the phantom's true risk category is II: the model's differs. Its accuracy on "
+                         "held-out phantom series is in scoring/models/MODEL_CARD.md")
+
+    _print_scores({"agatston": {"total": 9.0}, "risk_category": "II", "cac_drs": "A1/N1"}, truth)
+    assert "true risk category" not in capsys.readouterr().out

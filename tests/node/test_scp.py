@@ -284,7 +284,7 @@ def test_store_changed_resend_marks_conflict(node: NodeServer) -> None:
     assert [job.state for job in jobs] == [REFUSED]
     assert "conflicting instances: 1 SOP instance(s)" in jobs[0].reason
     assert str(datasets[2].SOPInstanceUID) in jobs[0].reason
-    assert "cacs-node retry JOB --keep-stored" in jobs[0].reason
+    assert f"cacs-node retry {jobs[0].id} --keep-stored" in jobs[0].reason
     assert len(node.jobs.conflicts_of_series(series_uid)) == 1
     # The fake pipeline was never asked to score the conflicting series.
     assert node.pipeline.scored == []  # type: ignore[attr-defined]
@@ -572,3 +572,17 @@ def test_second_node_on_the_same_storage_root_does_not_start(tmp_path: Path) -> 
     third = NodeServer(make_settings(tmp_path / "storage"), pipeline=FakePipeline())
     third.start()
     third.stop()
+
+
+def test_lossy_only_proposal_is_logged_with_the_rejected_contexts(node: NodeServer, caplog) -> None:
+    from pydicom.uid import CTImageStorage
+
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(CTImageStorage, [JPEGBaseline8Bit])
+    with caplog.at_level("WARNING", logger="node.scp"):
+        # With no context accepted, pynetdicom aborts the association itself.
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert not assoc.accepted_contexts
+        wait_for(lambda: "rejected presentation context" in caplog.text, 5, "no log line for the rejected context")
+    assert ("rejected presentation context(s) CT Image Storage with JPEG Baseline (Process 1): "
+            "Transfer Syntax(es) Not Supported") in caplog.text

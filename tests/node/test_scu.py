@@ -544,6 +544,10 @@ def test_echo_wrong_called_ae_fails_with_reason(start_scp) -> None:
     assert not result.success
     assert result.status is None
     assert "reason 7 (Called AE title not recognised)" in result.message
+    assert result.message.endswith(
+        "the destination does not answer to called AE title 'OTHER'; check its AE title in node.toml, "
+        "then restart the node"
+    )
 
 
 @pytest.mark.parametrize(
