@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -269,3 +270,16 @@ def untrained_model_version(path: Path) -> str:
     version = load_model(path, "cpu").model_version
     assert version.startswith("untrained-test-")
     return version
+
+
+@contextlib.contextmanager
+def held_storage_root(root: Path) -> Iterator[None]:
+    """Hold the node lock on `root`, as a running `cacs-node serve` does."""
+    from node.storage import NodeLock
+
+    lock = NodeLock(root)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from node.cli import main
 from node.commands.retry import RetryError, retry_job
 from node.config import Destination, NodeSettings
-from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, JobStore
+from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, Job, JobStore
 from node.pipeline import ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.server import NodeServer
@@ -51,6 +51,19 @@ def node(settings: NodeSettings, pipeline: FakePipeline) -> Iterator[NodeServer]
     server.start()
     yield server
     server.stop()
+
+
+def _score_one_series(settings: NodeSettings, pipeline: FakePipeline, uid_seed: str) -> Job:
+    """Start a node, send it one series, wait until its job ends, stop the node; return the job."""
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed=uid_seed)
+        store_all(server.port, datasets)
+        assert server.wait_idle(20)
+        return _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+    finally:
+        server.stop()
 
 
 def _jobs(server: NodeServer) -> JobStore:
@@ -211,15 +224,7 @@ def test_restart_during_scoring_scores_again(settings: NodeSettings) -> None:
 
 def test_series_error_refuses_job_with_message(settings: NodeSettings) -> None:
     message = "series 1.2.3 has slices 4.5 and 9.0 mm apart; expected a uniform 3.0 mm spacing"
-    server = NodeServer(settings, pipeline=FakePipeline(refuse_with=SliceSpacingError(message)))
-    server.start()
-    try:
-        datasets = make_ct_datasets(uid_seed="refused")
-        store_all(server.port, datasets)
-        assert server.wait_idle(20)
-        job = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
-    finally:
-        server.stop()
+    job = _score_one_series(settings, FakePipeline(refuse_with=SliceSpacingError(message)), "refused")
 
     assert (job.state, job.reason) == (REFUSED, message)
 
@@ -721,22 +726,18 @@ def test_localizer_series_refused_naming_localizers(settings: NodeSettings) -> N
 def test_status_says_when_a_node_holds_the_storage_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
-    from node.storage import NodeLock
+    from tests.node.helpers import held_storage_root
 
     root = tmp_path / "storage"
     root.mkdir()
     JobStore(InstanceStore(root, 0).database_path).close()
     path = tmp_path / "node.toml"
     path.write_text(f'[storage]\nroot = "{root}"\n', encoding="utf-8")
-    lock = NodeLock(root)
-    lock.acquire()
-    try:
+    with held_storage_root(root):
         assert main(["status", "--config", str(path)]) == 0
         assert capsys.readouterr().out.splitlines()[0] == f"node: running (process {os.getpid()})"
         assert main(["status", "--config", str(path), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["node"] == {"running": True, "process_id": os.getpid()}
-    finally:
-        lock.release()
 
 
 def test_status_before_anything_arrived(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -760,15 +761,7 @@ def test_status_before_anything_arrived(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_retry_while_no_node_runs_says_it_waits_for_the_start(settings: NodeSettings, pipeline: FakePipeline) -> None:
-    server = NodeServer(settings, pipeline=pipeline)
-    server.start()
-    try:
-        datasets = make_ct_datasets(uid_seed="stopped")
-        store_all(server.port, datasets)
-        assert server.wait_idle(20)
-        job = _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
-    finally:
-        server.stop()
+    job = _score_one_series(settings, pipeline, "stopped")
 
     message = retry_job(settings, job.id, force=True)
 

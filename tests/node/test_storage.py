@@ -105,7 +105,7 @@ def test_serve_on_a_held_storage_root_exits_before_loading_the_model(
 
     import node.pipeline
     from node.cli import main
-    from node.storage import NodeLock
+    from tests.node.helpers import held_storage_root
 
     def refuse(self):
         raise AssertionError("the model was loaded")
@@ -115,12 +115,8 @@ def test_serve_on_a_held_storage_root_exits_before_loading_the_model(
     root.mkdir()
     path = tmp_path / "node.toml"
     path.write_text(f'[node]\nbind_address = "127.0.0.1"\nport = 21999\n[storage]\nroot = "{root}"\n', encoding="utf-8")
-    lock = NodeLock(root)
-    lock.acquire()
-    try:
+    with held_storage_root(root):
         assert main(["serve", "--config", str(path)]) == 1
-    finally:
-        lock.release()
     assert capsys.readouterr().err == (
         f"cacs-node serve: not starting: another cacs-node serve (process {os.getpid()}) uses the storage "
         f"root {root}; stop it, or give this node its own [storage] root\n"
