@@ -107,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, load_settings, names_shipped_model, onnx_off_cpu, uid_root_problem
+    from node.config import ConfigError, load_settings, names_shipped_model, uid_root_problem
     from scoring.agatston import score_volume
     from scoring.config import ProtocolPolicy, ScoringParameters
     from scoring.errors import AmbiguousSeriesError, LabelError, SeriesError
@@ -161,23 +161,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"cacs-node score: {', '.join(unused)} not used: --labels scores the given label map "
                   "without the model", file=sys.stderr)
     else:
-        # An unusable device is an option error, found before the series is read.
-        from scoring.inference import ModelError, device_for_runtime, resolve_device
-
-        if onnx_off_cpu(runtime, device):
-            print(f"cacs-node score: runtime onnx runs on the CPU only, but the device is {device}; "
-                  "give --device cpu, or --runtime auto or torch for the GPU", file=sys.stderr)
-            return EXIT_INPUT_ERROR
-
-        device = device_for_runtime(device, runtime)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        try:
-            resolve_device(device)
-        except ModelError as error:
-            print(f"cacs-node score: {error}", file=sys.stderr)
+        device, device_problem = _model_device(device, runtime, threads)
+        if device_problem:
+            print(f"cacs-node score: {device_problem}", file=sys.stderr)
             return EXIT_INPUT_ERROR
 
     regions = None
@@ -260,6 +246,29 @@ class _ModelFailure(RuntimeError):
     It wraps scoring.inference.ModelError, so `run` can catch it without
     importing torch when --labels is given.
     """
+
+
+def _model_device(device: str, runtime: str, threads: int | None) -> tuple[str, str]:
+    """Resolve the model's device and set the thread count; return the device and a problem ("" for none).
+
+    An unusable device is an option error, so it is found before the series is read.
+    """
+    from node.config import onnx_off_cpu
+    from scoring.inference import ModelError, device_for_runtime, resolve_device
+
+    if onnx_off_cpu(runtime, device):
+        return device, (f"runtime onnx runs on the CPU only, but the device is {device}; give --device cpu, "
+                        "or --runtime auto or torch for the GPU")
+    device = device_for_runtime(device, runtime)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        resolve_device(device)
+    except ModelError as error:
+        return device, str(error)
+    return device, ""
 
 
 def _segment(volume: Any, model_path: str | None, device: str, runtime: str) -> tuple[Any, dict[str, Any]]:
