@@ -405,7 +405,7 @@ class StorageSCP:
         logger.info("association established with %s", caller_of(event.assoc))
         rejected = describe_rejected_contexts(event.assoc.rejected_contexts)
         if rejected:
-            # A scanner that proposes only lossy syntaxes sends nothing; this line says why.
+            # A scanner that proposes only lossy syntaxes sends nothing, and this line gives the reason.
             logger.warning(
                 "association with %s: rejected presentation context(s) %s; the node accepts the "
                 "uncompressed and lossless transfer syntaxes of docs/conformance.md",

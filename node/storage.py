@@ -67,8 +67,8 @@ class NodeLock:
 
     `acquire` takes an exclusive lock on `LOCK_NAME` under the root and writes
     the process ID there. The operating system drops the lock when the
-    process ends, even after a crash. `holder` tells other commands whether
-    a node runs on the root.
+    process ends, even after a crash. `holder` returns whether a node runs
+    on the root, for other commands.
     """
 
     def __init__(self, root: Path) -> None:
@@ -110,7 +110,7 @@ class NodeLock:
 
     @staticmethod
     def holder(root: Path) -> int | None:
-        """Return the process ID of the node that holds `root`, 0 when it is unknown, None when none does."""
+        """Return the process ID of the node that has `root` locked: 0 when unknown, None when no node has."""
         try:
             descriptor = os.open(Path(root) / LOCK_NAME, os.O_RDONLY)
         except FileNotFoundError:

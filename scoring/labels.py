@@ -300,7 +300,7 @@ def _read_seg(path: Path, volume: CTVolume, calcium: bool = False) -> np.ndarray
         raise LabelError(f"DICOM SEG {path} is invalid: {error}") from error
 
     if calcium:
-        _refuse_region_segments(segmentation, path)
+        _reject_region_segments(segmentation, path)
     segment_labels = _segment_artery_labels(segmentation, path)
     segment_numbers = list(segment_labels)
     try:
@@ -367,7 +367,7 @@ def _check_seg_references(dataset: pydicom.Dataset, path: Path, volume: CTVolume
         )
 
 
-def _refuse_region_segments(segmentation, path: Path) -> None:
+def _reject_region_segments(segmentation, path: Path) -> None:
     """Raise LabelError when a segment of the SEG is an anatomical structure, not calcium."""
     for number in segmentation.segment_numbers:
         description = segmentation.get_segment_description(number)

@@ -97,7 +97,7 @@ def test_score_help_lists_exit_statuses(capsys):
     assert "3 the segmentation model cannot be loaded or run; 130 interrupted" in text
 
 
-def test_library_noise_quiets_highdicom_info_but_not_at_debug():
+def test_library_noise_quiets_highdicom():
     from node.logs import reduce_library_log_noise
 
     highdicom = logging.getLogger("highdicom")

@@ -212,8 +212,8 @@ def test_parse_settings_runtime_invalid_or_onnx_off_cpu_rejected(tmp_path: Path)
         '[scoring] runtime = \'tensorrt\': allowed values are "auto", "torch" or "onnx"'
     ]
 
-    # ONNX Runtime is installed with its CPU provider only, so "cuda" is rejected rather
-    # than failing at the first job; "auto" means the CPU with this runtime.
+    # ONNX Runtime is installed with its CPU provider only, so "cuda" is rejected
+    # before the first job fails. With this runtime, "auto" means the CPU.
     with pytest.raises(ConfigError) as off_cpu:
         parse_settings('[scoring]\nruntime = "onnx"\ndevice = "cuda:1"\n', base_dir=tmp_path)
     assert off_cpu.value.problems == [
@@ -252,7 +252,7 @@ def test_parse_settings_model_path_folder_named_a_folder(tmp_path: Path) -> None
         parse_settings('[scoring]\nmodel_path = "models"\n', base_dir=tmp_path)
 
 
-def test_parse_settings_onnx_with_an_invalid_device_gives_one_problem(tmp_path: Path) -> None:
+def test_parse_settings_onnx_invalid_device(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as invalid:
         parse_settings('[scoring]\nruntime = "onnx"\ndevice = "CUDA"\n', base_dir=tmp_path)
     assert invalid.value.problems == [

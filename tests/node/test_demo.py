@@ -100,7 +100,7 @@ def test_demo_command_default_model_exits_zero(tmp_path: Path) -> None:
     assert f"  CAUTION, model: {shipped.caution}" in completed.stdout.splitlines()
 
 
-def test_print_scores_says_when_the_risk_category_differs_from_the_truth(capsys) -> None:
+def test_print_scores_risk_category_differs(capsys) -> None:
     from node.commands.demo import _print_scores
 
     truth = {"agatston": {"LAD": 0.0, "LCX": 0.0, "RCA": 7.4, "total": 7.4}, "risk_category": "II"}

@@ -684,7 +684,7 @@ def test_status_shows_receiving_series_and_conflict(tmp_path: Path, capsys: pyte
 
     assert main(["status", "--config", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    # No node holds the storage root, so the series wait for its next start.
+    # No node has the storage root locked, so the series wait for its next start.
     assert lines[0] == (f"node: not running (no cacs-node serve holds {root}); received series and "
                         "unfinished jobs wait for the next start")
     # Both series are in their quiet period (default 30 s); 1.2.4 also holds one re-sent copy.
@@ -723,7 +723,7 @@ def test_localizer_series_refused_naming_localizers(settings: NodeSettings) -> N
     )
 
 
-def test_status_says_when_a_node_holds_the_storage_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_running_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
     from tests.node.helpers import held_storage_root
@@ -760,7 +760,7 @@ def test_status_before_anything_arrived(tmp_path: Path, capsys: pytest.CaptureFi
     assert not root.exists()
 
 
-def test_retry_while_no_node_runs_says_it_waits_for_the_start(settings: NodeSettings, pipeline: FakePipeline) -> None:
+def test_retry_without_running_node(settings: NodeSettings, pipeline: FakePipeline) -> None:
     job = _score_one_series(settings, pipeline, "stopped")
 
     message = retry_job(settings, job.id, force=True)

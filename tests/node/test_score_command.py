@@ -275,7 +275,7 @@ def model_case(tmp_path: Path) -> Path:
     return tmp_path / "model-case"
 
 
-def test_score_with_the_shipped_model_names_model_runtime_and_caution(
+def test_score_model_source_and_caution(
     model_case: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from scoring.inference import load_model
@@ -302,16 +302,16 @@ def test_score_with_the_shipped_model_names_model_runtime_and_caution(
     assert lines[2] == f"CAUTION, model: {shipped.caution}"
 
 
-def test_score_unknown_device_exits_two_before_reading_the_series(
+def test_score_unknown_device_exits_two(
     scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import scoring.series
 
-    def refuse(*args, **kwargs):
+    def fail_if_called(*args, **kwargs):
         raise AssertionError("the series was read")
 
-    monkeypatch.setattr(scoring.series, "load_series", refuse)
+    monkeypatch.setattr(scoring.series, "load_series", fail_if_called)
     dicom_dir, _, _ = scored_case
 
     assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--device", "gpu"]) == 2
@@ -346,7 +346,7 @@ def test_score_threads_option_sets_the_thread_count(
     assert "Segmentation: model " in capsys.readouterr().out
 
 
-def test_score_with_the_model_refuses_images_smaller_than_a_heart(
+def test_score_small_images_rejected(
     scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     dicom_dir, labels_path, _ = scored_case
@@ -358,7 +358,7 @@ def test_score_with_the_model_refuses_images_smaller_than_a_heart(
     assert main(["--log-level", "WARNING", "score", str(dicom_dir), "--labels", str(labels_path)]) == 0
 
 
-def test_score_labels_name_model_options_that_do_not_apply(
+def test_score_labels_unused_model_options(
     scored_case: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     dicom_dir, labels_path, _ = scored_case
@@ -382,7 +382,7 @@ def test_score_onnx_on_cuda_exits_two_before_reading(
     assert "runtime onnx runs on the CPU only, but the device is cuda" in capsys.readouterr().err
 
 
-def test_score_threads_above_the_cap_exit_two(scored_case: tuple[Path, Path, str], capsys) -> None:
+def test_score_threads_cap_exits_two(scored_case: tuple[Path, Path, str], capsys) -> None:
     dicom_dir, _, _ = scored_case
     with pytest.raises(SystemExit) as stopped:
         main(["score", str(dicom_dir), "--threads", "100000"])

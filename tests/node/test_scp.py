@@ -553,7 +553,7 @@ def test_store_broken_rle_fragment_returns_c210(node: NodeServer) -> None:
     assert statuses == [0xC210]
 
 
-def test_second_node_on_the_same_storage_root_does_not_start(tmp_path: Path) -> None:
+def test_second_node_same_root_rejected(tmp_path: Path) -> None:
     import os
 
     from node.storage import StorageError
@@ -574,7 +574,7 @@ def test_second_node_on_the_same_storage_root_does_not_start(tmp_path: Path) -> 
     third.stop()
 
 
-def test_lossy_only_proposal_is_logged_with_the_rejected_contexts(node: NodeServer, caplog) -> None:
+def test_rejected_lossy_context_logged(node: NodeServer, caplog) -> None:
     from pydicom.uid import CTImageStorage
 
     ae = AE(ae_title=SCANNER_AE)

@@ -75,7 +75,7 @@ def test_has_free_space_huge_minimum_false(tmp_path: Path) -> None:
     assert InstanceStore(tmp_path, 0).has_free_space()
 
 
-def test_node_lock_keeps_a_second_node_off_the_storage_root(tmp_path: Path) -> None:
+def test_node_lock_excludes_second_node(tmp_path: Path) -> None:
     import os
 
     from node.storage import NodeLock, StorageError
@@ -90,7 +90,7 @@ def test_node_lock_keeps_a_second_node_off_the_storage_root(tmp_path: Path) -> N
             NodeLock(tmp_path).acquire()
     finally:
         first.release()
-    # The file stays, but nobody holds it.
+    # The file stays, but no process has it locked.
     assert (tmp_path / "node.lock").read_text() == f"{os.getpid()}\n"
     assert NodeLock.holder(tmp_path) is None
     second = NodeLock(tmp_path)
@@ -98,7 +98,7 @@ def test_node_lock_keeps_a_second_node_off_the_storage_root(tmp_path: Path) -> N
     second.release()
 
 
-def test_serve_on_a_held_storage_root_exits_before_loading_the_model(
+def test_serve_locked_root_exits_early(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import os
@@ -107,10 +107,10 @@ def test_serve_on_a_held_storage_root_exits_before_loading_the_model(
     from node.cli import main
     from tests.node.helpers import held_storage_root
 
-    def refuse(self):
+    def fail_if_called(self):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(node.pipeline.ScoringPipeline, "check_model", refuse)
+    monkeypatch.setattr(node.pipeline.ScoringPipeline, "check_model", fail_if_called)
     root = tmp_path / "storage"
     root.mkdir()
     path = tmp_path / "node.toml"

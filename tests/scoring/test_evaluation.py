@@ -304,7 +304,7 @@ def test_evaluate_command_json_over_default_model_exits_2(tmp_path: Path, capsys
     assert shipped.read_bytes() == before
 
 
-def test_evaluate_command_warns_about_series_the_model_trained_on(capsys):
+def test_evaluate_command_warns_on_training_series(capsys):
     from node.cli import main
 
     status = main(["evaluate", "--phantom-seeds", "5,2001", "--phantom-slices", "2", "--device", "cpu",

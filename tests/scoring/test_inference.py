@@ -373,7 +373,7 @@ def _edited_copy(tmp_path: Path, name: str, **metadata_changes) -> tuple[Path, c
     return path, edited
 
 
-def test_load_model_version_follows_the_threshold_not_the_stored_string(tmp_path: Path, caplog):
+def test_load_model_version_from_threshold(tmp_path: Path, caplog):
     shipped = inference.load_model(None, "cpu").model_version
     prefix = shipped.rsplit("-t", 1)[0]
     path, _ = _edited_copy(tmp_path, "low.pt", lesion_threshold=0.05)
@@ -398,7 +398,8 @@ def test_load_model_version_follows_the_weights(tmp_path: Path):
     loaded = inference.load_model(path, "cpu")
     assert loaded.model_version == expected
     assert loaded.model_version != shipped
-    assert loaded.model_version.startswith("mtl-uncertainty-") and loaded.model_version.endswith("-t0.63")
+    assert loaded.model_version.startswith("mtl-uncertainty-")
+    assert loaded.model_version.endswith("-t0.63")
 
 
 def _sized_volume(rows: int, columns: int, spacing: tuple[float, float]) -> CTVolume:

@@ -804,7 +804,7 @@ def test_train_command_resume_into_another_run_exits_2(tmp_path: Path, capsys):
     assert (tmp_path / "second" / "last.pt").read_bytes() == other
 
 
-def test_continue_from_warns_when_validation_series_were_training_series(tmp_path: Path, caplog):
+def test_continue_from_warns_on_overlap(tmp_path: Path, caplog):
     from node.cli import main
 
     assert main(["train", str(tmp_path / "first"), *_TINY_RUN]) == 0

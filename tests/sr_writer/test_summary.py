@@ -199,7 +199,7 @@ def test_crop_window_without_calcium_whole_image():
     assert crop_window(case.volume, scored_labels(case.volume, case.labels, case.result)) == ((0, 40), (0, 36))
 
 
-def test_patient_line_shortens_a_long_name_but_keeps_the_id():
+def test_patient_line_keeps_id():
     from pydicom.dataset import Dataset
 
     from sr_writer.summary import _patient_line
