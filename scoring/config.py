@@ -51,7 +51,8 @@ class ProtocolPolicy:
 
     kvp: kVp other than 120 (default "flag").
     thickness: slice thickness or increment outside 2.5–3.0 mm (default "flag").
-    contrast: a contrast agent recorded in the Contrast/Bolus module (default "refuse").
+    contrast: a contrast agent recorded in the Contrast/Bolus module, or blood
+        enhanced by contrast in the images (default "refuse").
     body_part: BodyPartExamined neither chest nor heart (default "flag").
     """
 

@@ -15,7 +15,8 @@ slices, and 2.5 mm reconstructions are in clinical use too. Each rule below is "
   ContrastBolusAgentSequence, ContrastBolusIngredient, a positive
   ContrastBolusVolume or ContrastBolusTotalDose, or an Enhanced CT
   ContrastBolusAgentAdministered YES. Agent texts that state absence
-  (NO_CONTRAST_TEXTS) do not count.
+  (NO_CONTRAST_TEXTS) do not count. When the header records no agent, the
+  images are searched for blood enhanced by contrast (`image_contrast_evidence`).
 - BODY_PART: BodyPartExamined present and not one of CARDIAC_BODY_PARTS. An
   empty or missing BodyPartExamined is "not recorded" and not flagged,
   because the attribute is optional (type 3) and many scanners leave it out.
@@ -25,8 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from scoring.config import ProtocolPolicy
 from scoring.errors import ProtocolRefusedError
@@ -57,6 +61,23 @@ CARDIAC_BODY_PARTS = frozenset({"CHEST", "HEART", "CORONARYARTERY", "THORAX"})
 #: ContrastBolusAgent texts, upper-cased and stripped, that record no agent.
 NO_CONTRAST_TEXTS = frozenset({"NONE", "NO", "N", "NIL", "NO CONTRAST", "NON-CONTRAST", "NONCONTRAST", "0"})
 
+#: HU range of blood enhanced by iodinated contrast. Unenhanced blood is
+#: 30–60 HU; the blood pool of a CT angiogram is 250–600 HU. Above 700 HU
+#: lie cortical bone, dense calcium and metal.
+ENHANCED_BLOOD_HU = (180.0, 700.0)
+
+#: Radius in mm of the largest sphere of ENHANCED_BLOOD_HU voxels from which
+#: a series counts as contrast-enhanced. The heart chambers of a real CT
+#: angiogram (tests/conftest.py) contain a sphere of 24 mm radius. In an
+#: unenhanced scan only cancellous bone lies in that range. A vertebral body is
+#: 20–30 mm high, so its sphere stays below 15 mm (an estimate); the digital
+#: phantom's reaches 12 mm.
+ENHANCED_POOL_RADIUS_MM = 17.0
+
+#: In-plane pixel size in mm of the enhanced-blood search. Slices are
+#: subsampled to about this size, so the search takes under a second.
+_POOL_SAMPLING_MM = 2.0
+
 
 def kvp_of(header: Dataset) -> float | None:
     """Return the KVP of an instance (its first frame for a multi-frame instance); see `kvp_values`."""
@@ -86,9 +107,8 @@ def _text_attribute(header: Dataset, keyword: str) -> str:
 def contrast_evidence(header: Dataset) -> str | None:
     """Return a description of the contrast agent recorded in an instance, None when none is recorded.
 
-    TODO(#2): only the header is read. A contrast series whose header records
-    no agent is scored: a CT angiogram converted without the Contrast/Bolus
-    module scored 184.5 (risk III). A check of the blood-pool HU would catch it.
+    Only the header is read here; `check_protocol` searches the images
+    (`image_contrast_evidence`) when no instance records an agent.
 
     Each attribute is read at the top level or, for multi-frame instances, in
     the functional groups of the first frame (`instance_attribute`).
@@ -111,6 +131,62 @@ def contrast_evidence(header: Dataset) -> str | None:
     if usage is not None and str(usage.get("ContrastBolusAgentAdministered", "")).upper() == "YES":
         return "ContrastBolusAgentAdministered YES"
     return None
+
+
+@dataclass(frozen=True)
+class EnhancedRegion:
+    """The thickest region of ENHANCED_BLOOD_HU voxels in a volume.
+
+    radius_mm: radius of the largest sphere inside it. slice_index: the
+    slice of that sphere's centre (0-based, volume order). median_hu: median
+    HU of its voxels at least half ENHANCED_POOL_RADIUS_MM deep.
+    """
+
+    radius_mm: float
+    slice_index: int
+    median_hu: float
+
+
+def largest_enhanced_region(hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> EnhancedRegion | None:
+    """Find the thickest region of ENHANCED_BLOOD_HU voxels; None when no voxel lies in that range.
+
+    hu: (slices, rows, columns) HU in volume order. spacing_mm: slice
+    increment, row spacing and column spacing. Slices are subsampled to
+    about _POOL_SAMPLING_MM pixels, so the radius is known to about 2 mm.
+    """
+    increment, row_spacing, column_spacing = (float(value) for value in spacing_mm)
+    step = max(1, int(_POOL_SAMPLING_MM // min(row_spacing, column_spacing)))
+    sampled = hu[:, ::step, ::step]
+    low, high = ENHANCED_BLOOD_HU
+    pool = (sampled >= low) & (sampled <= high)
+    if not pool.any():
+        return None
+    # A zero border: a region cut by the edge of the volume is measured only up to that edge.
+    sampling = (increment, row_spacing * step, column_spacing * step)
+    distance = ndimage.distance_transform_edt(np.pad(pool, 1), sampling=sampling)[1:-1, 1:-1, 1:-1]
+    deepest = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    core = distance >= min(ENHANCED_POOL_RADIUS_MM / 2, float(distance.max()))
+    return EnhancedRegion(float(distance[deepest]), int(deepest[0]), float(np.median(sampled[core])))
+
+
+def image_contrast_evidence(hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> str | None:
+    """Return a description of contrast-enhanced blood in the images, None when there is none.
+
+    The evidence is a sphere of at least ENHANCED_POOL_RADIUS_MM radius whose
+    voxels all lie within ENHANCED_BLOOD_HU: a blood pool, too thick to be
+    bone or calcium (`largest_enhanced_region`). This catches a CT angiogram
+    whose header records no agent. An agent in a late venous phase, with
+    blood below 180 HU, is not seen.
+    """
+    region = largest_enhanced_region(hu, spacing_mm)
+    if region is None or region.radius_mm < ENHANCED_POOL_RADIUS_MM:
+        return None
+    low, high = ENHANCED_BLOOD_HU
+    return (
+        f"the images show a {2 * region.radius_mm:.0f} mm wide region of {low:.0f}–{high:.0f} HU "
+        f"(median {region.median_hu:.0f} HU) around slice {region.slice_index + 1}, "
+        "as blood enhanced by contrast agent; the header records no agent"
+    )
 
 
 def validate_policy(policy: ProtocolPolicy) -> None:
@@ -157,12 +233,18 @@ def _slice_deviations(
     return found
 
 
-def _contrast_deviation(headers: Sequence[Dataset]) -> ProtocolFlag | None:
+def _contrast_deviation(
+    headers: Sequence[Dataset], hu: np.ndarray | None = None, spacing_mm: tuple[float, float, float] | None = None
+) -> ProtocolFlag | None:
     for header in headers:
         evidence = contrast_evidence(header)
         if evidence is not None:
             message = f"contrast agent recorded ({evidence}); calcium scoring needs a non-contrast scan"
             return ProtocolFlag("CONTRAST", message)
+    if hu is not None and spacing_mm is not None:
+        evidence = image_contrast_evidence(hu, spacing_mm)
+        if evidence is not None:
+            return ProtocolFlag("CONTRAST", f"{evidence}; calcium scoring needs a non-contrast scan")
     return None
 
 
@@ -210,6 +292,8 @@ def check_protocol(
     slice_increment: float,
     policy: ProtocolPolicy,
     series: str,
+    hu: np.ndarray | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
 ) -> tuple[ProtocolFlag, ...]:
     """Return the protocol flags of a series, or raise for deviations whose policy is "refuse".
 
@@ -217,12 +301,16 @@ def check_protocol(
         first, kVp from all of them, and contrast from any.
     slice_thickness: nominal thickness in mm, None when not recorded.
     slice_increment: measured increment in mm.
+    hu, pixel_spacing: the decoded volume and its (row, column) spacing in
+        mm; when given, the images are searched for contrast-enhanced blood
+        if the headers record no agent.
     Raises ProtocolRefusedError listing every refused deviation.
     """
     validate_policy(policy)
     found: list[tuple[str, ProtocolFlag | None]] = [(policy.kvp, _kvp_deviation(headers))]
     found.extend(_slice_deviations(slice_thickness, slice_increment, policy))
-    found.append((policy.contrast, _contrast_deviation(headers)))
+    spacing_mm = (slice_increment, *pixel_spacing) if pixel_spacing is not None else None
+    found.append((policy.contrast, _contrast_deviation(headers, hu, spacing_mm)))
     found.append((policy.body_part, _body_part_deviation(headers)))
     if not _text_attribute(headers[0], "BodyPartExamined"):
         logger.info("series %s: BodyPartExamined is not recorded; not flagged", series)

@@ -596,6 +596,8 @@ def load_series(
         slice_increment=increment,
         policy=policy,
         series=series,
+        hu=hu,
+        pixel_spacing=first.pixel_spacing,
     )
 
     sop_instance_uids = tuple(record.sop_instance_uid for record in ordered)

@@ -28,6 +28,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage
@@ -35,6 +36,7 @@ from pydicom.uid import CTImageStorage
 from node.config import parse_settings
 from node.folder_scp import FolderStorageSCP
 from node.jobs import Job
+from tests.factories import make_series_dir
 from tests.orthanc import OrthancServer, find_orthanc, free_port, run_orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -133,7 +135,7 @@ class MainJobRun:
 
 @pytest.fixture(scope="module")
 def main_job_run(
-    tmp_path_factory: pytest.TempPathFactory, qrm_dicom_dir: Path, abdomen_dicom_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, qrm_dicom_dir: Path, abdomen_dicom_dir: Path, chest_cta_hu: np.ndarray
 ) -> Iterator[MainJobRun]:
     if find_orthanc() is None:
         pytest.skip("Orthanc not found; install the Debian package orthanc (scripts/test.sh does)")
@@ -146,6 +148,8 @@ def main_job_run(
     # Moderate calcium burden, so the model has coronary calcium to find and a SEG is written.
     generate_phantom(work / "phantom", 7, mode="patient", burden="moderate")
     abdomen_instances = _write_abdomen_series(abdomen_dicom_dir, work / "abdomen")
+    # A real CT angiogram whose header records no contrast agent.
+    make_series_dir(work / "cta", chest_cta_hu, pixel_spacing=(1.5, 1.5), uid_seed="cta")
     node_port = free_port()
 
     with run_orthanc(
@@ -199,6 +203,7 @@ quiet_period_s = 1.0
             _storescu(storescu, node_port, work / "phantom" / "dicom")
             # -xv proposes JPEG 2000 Lossless, so the files travel compressed as stored.
             _storescu(storescu, node_port, work / "abdomen", "-xv")
+            _storescu(storescu, node_port, work / "cta")
             assert server.wait_idle(JOBS_TIMEOUT_S), f"jobs not finished within {JOBS_TIMEOUT_S:g} s"
 
             assert server.jobs is not None
@@ -206,6 +211,7 @@ quiet_period_s = 1.0
                 "qrm": (*_series_uid(qrm_dicom_dir), qrm_dicom_dir),
                 "phantom": (*_series_uid(work / "phantom" / "dicom"), work / "phantom" / "dicom"),
                 "abdomen": (ABDOMEN_STUDY_UID, ABDOMEN_SERIES_UID, work / "abdomen"),
+                "cta": (*_series_uid(work / "cta"), work / "cta"),
             }
             jobs = {}
             sends = {}
@@ -363,6 +369,18 @@ def test_abdomen_series_nothing_sent(main_job_run: MainJobRun) -> None:
 
     assert main_job_run.sends[job.id] == []
     assert main_job_run.orthanc.find_instances({"StudyInstanceUID": ABDOMEN_STUDY_UID}) == []
+
+
+def test_cta_without_agent_refused_from_images(main_job_run: MainJobRun) -> None:
+    job = main_job_run.jobs["cta"]
+    study_uid = main_job_run.series["cta"][0]
+
+    assert job.state == "refused"
+    assert "a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42" in job.reason
+    assert "as blood enhanced by contrast agent; the header records no agent" in job.reason
+    assert job.instance_count == 82
+    assert main_job_run.sends[job.id] == []
+    assert main_job_run.orthanc.find_instances({"StudyInstanceUID": study_uid}) == []
 
 
 def test_orthanc_fixture_answers_rest_and_echo(tmp_path: Path) -> None:

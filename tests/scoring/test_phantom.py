@@ -26,6 +26,7 @@ from scoring.phantom import (
 from scoring.phantom_anatomy import Grid
 from scoring.phantom_calcium import Plaque, clear_of_bone
 from scoring.phantom_qrm import CALIBRATION_FACTOR, insert_hu
+from scoring.protocol import ENHANCED_POOL_RADIUS_MM, largest_enhanced_region
 from scoring.result import LAD, OTHER_CALCIUM, RCA
 from scoring.series import load_series
 from scoring.volume import PADDING_HU
@@ -90,6 +91,17 @@ def test_generate_phantom_loaded_series_scores_equal_truth(tmp_path: Path) -> No
     assert np.array_equal(volume.hu, case.hu)
     assert np.array_equal(labels, case.labels)
     assert np.array_equal(read_label_map(tmp_path / "regions.nrrd", volume), case.regions)
+
+
+@pytest.mark.parametrize("seed", [0, 2000])
+def test_make_case_shows_no_enhanced_blood(seed: int) -> None:
+    # The phantom is unenhanced: its thickest region of 180–700 HU is cancellous
+    # bone, well below the sphere that marks a contrast-enhanced blood pool.
+    case = make_case(seed)
+    region = largest_enhanced_region(case.hu, (case.slice_thickness, *case.pixel_spacing))
+    assert region is not None
+    assert region.radius_mm < 13.0 < ENHANCED_POOL_RADIUS_MM
+    assert 180.0 <= region.median_hu <= 700.0
 
 
 def test_generate_phantom_series_stores_acquisition(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,6 +39,7 @@ from scoring.errors import (
     ProtocolRefusedError,
     SliceSpacingError,
 )
+from scoring.protocol import image_contrast_evidence
 from scoring.series import list_series, load_series
 from scoring.volume import PADDING_HU
 from tests.factories import TEST_PADDING_STORED, blank_hu, circle_padding_mask, make_ct_datasets, make_series_dir
@@ -718,6 +720,48 @@ def test_load_series_contrast_with_gap_rejected_for_contrast() -> None:
 def test_load_series_contrast_agent_none_text_not_flagged() -> None:
     volume = load_series(make_ct_datasets(_tissue_hu(slices=3), contrast_bolus_agent="NONE"))
     assert volume.flags == ()
+
+
+def _sphere_hu(radius_mm: float, value: float) -> np.ndarray:
+    """40 HU slices of 1 mm pixels, 3 mm apart, holding a sphere of `value` HU at the centre."""
+    slices, side = 31, 100
+    z, y, x = np.meshgrid(
+        (np.arange(slices) - slices // 2) * 3.0, np.arange(side) - side / 2, np.arange(side) - side / 2, indexing="ij"
+    )
+    return np.where(z**2 + y**2 + x**2 <= radius_mm**2, value, 40.0)
+
+
+@pytest.mark.parametrize(
+    ("radius_mm", "value", "expected"),
+    [
+        (30.0, 450.0, "a 60 mm wide region of 180–700 HU (median 450 HU) around slice 16"),
+        (14.0, 450.0, None),  # as thick as a vertebral body
+        (30.0, 1200.0, None),  # cortical bone, dense calcium or metal
+        (30.0, 120.0, None),  # a liver or muscle, well above unenhanced blood
+    ],
+)
+def test_image_contrast_evidence_needs_a_thick_enhanced_region(
+    radius_mm: float, value: float, expected: str | None
+) -> None:
+    evidence = image_contrast_evidence(_sphere_hu(radius_mm, value), (3.0, 1.0, 1.0))
+    if expected is None:
+        assert evidence is None
+    else:
+        assert evidence is not None and evidence.startswith(f"the images show {expected}, as blood enhanced")
+
+
+def test_load_series_cta_without_agent_refused_from_images(chest_cta_hu: np.ndarray) -> None:
+    # A real CT angiogram whose header records no contrast agent (the builder writes none).
+    datasets = make_ct_datasets(chest_cta_hu, pixel_spacing=(1.5, 1.5), origin=(0.0, 0.0, 540.0))
+    assert "ContrastBolusAgent" not in datasets[0]
+    message = (
+        "the images show a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42, as blood "
+        "enhanced by contrast agent; the header records no agent; calcium scoring needs a non-contrast scan"
+    )
+    with pytest.raises(ProtocolRefusedError, match=re.escape(message)):
+        load_series(datasets)
+    flagged = load_series(datasets, ProtocolPolicy(contrast="flag"))
+    assert [(flag.code, flag.message) for flag in flagged.flags] == [("CONTRAST", message)]
 
 
 def test_load_series_body_part_missing_not_flagged() -> None:
