@@ -186,7 +186,8 @@ def image_contrast_evidence(hu: np.ndarray, spacing_mm: tuple[float, float, floa
     low, high = ENHANCED_BLOOD_HU
     return (
         f"the images show a {2 * region.radius_mm:.0f} mm wide region of {low:.0f}–{high:.0f} HU "
-        f"(median {region.median_hu:.0f} HU) around slice {region.slice_index + 1}, "
+        f"(median {region.median_hu:.0f} HU) around slice {region.slice_index + 1} of {len(hu)} "
+        "in position order, "
         "as blood enhanced by contrast agent; the header records no agent"
     )
 

@@ -734,7 +734,7 @@ def _sphere_hu(radius_mm: float, value: float) -> np.ndarray:
 @pytest.mark.parametrize(
     ("radius_mm", "value", "expected"),
     [
-        (30.0, 450.0, "a 60 mm wide region of 180–700 HU (median 450 HU) around slice 16"),
+        (30.0, 450.0, "a 60 mm wide region of 180–700 HU (median 450 HU) around slice 16 of 31 in position order"),
         (14.0, 450.0, None),  # as thick as a vertebral body
         (30.0, 1200.0, None),  # cortical bone, dense calcium or metal
         (30.0, 120.0, None),  # a liver or muscle, well above unenhanced blood
@@ -755,8 +755,9 @@ def test_load_series_cta_without_agent_refused_from_images(chest_cta_hu: np.ndar
     datasets = make_ct_datasets(chest_cta_hu, pixel_spacing=(1.5, 1.5), origin=(0.0, 0.0, 540.0))
     assert "ContrastBolusAgent" not in datasets[0]
     message = (
-        "the images show a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42, as blood "
-        "enhanced by contrast agent; the header records no agent; calcium scoring needs a non-contrast scan"
+        "the images show a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42 of 82 in position "
+        "order, as blood enhanced by contrast agent; the header records no agent; calcium scoring needs a "
+        "non-contrast scan"
     )
     with pytest.raises(ProtocolRefusedError, match=re.escape(message)):
         load_series(datasets)
