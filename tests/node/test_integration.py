@@ -371,7 +371,7 @@ def test_abdomen_series_nothing_sent(main_job_run: MainJobRun) -> None:
     assert main_job_run.orthanc.find_instances({"StudyInstanceUID": ABDOMEN_STUDY_UID}) == []
 
 
-def test_cta_without_agent_refused_from_images(main_job_run: MainJobRun) -> None:
+def test_cta_without_agent_refused(main_job_run: MainJobRun) -> None:
     job = main_job_run.jobs["cta"]
     study_uid = main_job_run.series["cta"][0]
 

@@ -94,7 +94,7 @@ def test_generate_phantom_loaded_series_scores_equal_truth(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("seed", [0, 2000])
-def test_make_case_shows_no_enhanced_blood(seed: int) -> None:
+def test_phantom_has_no_enhanced_blood(seed: int) -> None:
     # The phantom is unenhanced: its thickest region of 180–700 HU is cancellous
     # bone, well below the sphere that marks a contrast-enhanced blood pool.
     case = make_case(seed)

@@ -723,7 +723,7 @@ def test_load_series_contrast_agent_none_text_not_flagged() -> None:
 
 
 def _sphere_hu(radius_mm: float, value: float) -> np.ndarray:
-    """40 HU slices of 1 mm pixels, 3 mm apart, holding a sphere of `value` HU at the centre."""
+    """40 HU slices of 1 mm pixels, 3 mm apart, with a sphere of `value` HU at the centre."""
     slices, side = 31, 100
     z, y, x = np.meshgrid(
         (np.arange(slices) - slices // 2) * 3.0, np.arange(side) - side / 2, np.arange(side) - side / 2, indexing="ij"
@@ -740,17 +740,18 @@ def _sphere_hu(radius_mm: float, value: float) -> np.ndarray:
         (30.0, 120.0, None),  # a liver or muscle, well above unenhanced blood
     ],
 )
-def test_image_contrast_evidence_needs_a_thick_enhanced_region(
+def test_contrast_evidence_needs_thick_region(
     radius_mm: float, value: float, expected: str | None
 ) -> None:
     evidence = image_contrast_evidence(_sphere_hu(radius_mm, value), (3.0, 1.0, 1.0))
     if expected is None:
         assert evidence is None
     else:
-        assert evidence is not None and evidence.startswith(f"the images show {expected}, as blood enhanced")
+        assert evidence is not None
+        assert evidence.startswith(f"the images show {expected}, as blood enhanced")
 
 
-def test_load_series_cta_without_agent_refused_from_images(chest_cta_hu: np.ndarray) -> None:
+def test_cta_without_agent_refused(chest_cta_hu: np.ndarray) -> None:
     # A real CT angiogram whose header records no contrast agent (the builder writes none).
     datasets = make_ct_datasets(chest_cta_hu, pixel_spacing=(1.5, 1.5), origin=(0.0, 0.0, 540.0))
     assert "ContrastBolusAgent" not in datasets[0]
