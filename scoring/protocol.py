@@ -77,7 +77,7 @@ ENHANCED_BLOOD_HU = (180.0, 700.0)
 ENHANCED_POOL_RADIUS_MM = 17.0
 
 #: In-plane pixel size in mm of the enhanced-blood search. Slices are
-#: subsampled to about this size, so the search takes under a second.
+#: averaged down to about this size, so the search takes under a second.
 _POOL_SAMPLING_MM = 2.0
 
 
@@ -153,12 +153,17 @@ def largest_enhanced_region(hu: np.ndarray, spacing_mm: tuple[float, float, floa
     """Find the thickest region of ENHANCED_BLOOD_HU voxels; None when no voxel lies in that range.
 
     hu: (slices, rows, columns) HU in volume order. spacing_mm: slice
-    increment, row spacing and column spacing. Slices are subsampled to
-    about _POOL_SAMPLING_MM pixels, so the radius is known to about 2 mm.
+    increment, row spacing and column spacing. Each slice is averaged over
+    square blocks of about _POOL_SAMPLING_MM, so the radius is known to about
+    2 mm. The averaging and a 3 × 3 median filter lower the noise, which
+    would otherwise punch holes into a weakly enhanced blood pool.
     """
     increment, row_spacing, column_spacing = (float(value) for value in spacing_mm)
     step = max(1, int(_POOL_SAMPLING_MM // min(row_spacing, column_spacing)))
-    sampled = hu[:, ::step, ::step]
+    rows, columns = hu.shape[1] // step * step, hu.shape[2] // step * step
+    blocks = hu[:, :rows, :columns].reshape(hu.shape[0], rows // step, step, columns // step, step)
+    # The median of 3 × 3 blocks removes single noisy pixels but keeps the edges of a region.
+    sampled = ndimage.median_filter(blocks.mean(axis=(2, 4), dtype=np.float32), size=(1, 3, 3))
     low, high = ENHANCED_BLOOD_HU
     pool = (sampled >= low) & (sampled <= high)
     if not pool.any():

@@ -376,7 +376,7 @@ def test_cta_without_agent_refused(main_job_run: MainJobRun) -> None:
     study_uid = main_job_run.series["cta"][0]
 
     assert job.state == "refused"
-    assert "a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42 of 82 in position order" in job.reason
+    assert "a 48 mm wide region of 180–700 HU (median 488 HU) around slice 42 of 82 in position order" in job.reason
     assert "as blood enhanced by contrast agent; the header records no agent" in job.reason
     assert job.instance_count == 82
     assert main_job_run.sends[job.id] == []

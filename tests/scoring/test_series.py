@@ -722,19 +722,29 @@ def test_load_series_contrast_agent_none_text_not_flagged() -> None:
     assert volume.flags == ()
 
 
-def _sphere_hu(radius_mm: float, value: float) -> np.ndarray:
-    """40 HU slices of 1 mm pixels, 3 mm apart, with a sphere of `value` HU at the centre."""
+def _sphere_hu(radius_mm: float, value: float, noise_hu: float = 0.0) -> np.ndarray:
+    """40 HU slices of 1 mm pixels, 3 mm apart, with a sphere of `value` HU at the centre and Gaussian noise."""
     slices, side = 31, 100
     z, y, x = np.meshgrid(
         (np.arange(slices) - slices // 2) * 3.0, np.arange(side) - side / 2, np.arange(side) - side / 2, indexing="ij"
     )
-    return np.where(z**2 + y**2 + x**2 <= radius_mm**2, value, 40.0)
+    noise = np.random.default_rng(0).normal(0.0, noise_hu, z.shape) if noise_hu else 0.0
+    return np.where(z**2 + y**2 + x**2 <= radius_mm**2, value, 40.0) + noise
+
+
+def test_contrast_evidence_survives_noise() -> None:
+    # A weak enhancement (260 HU) with low-dose noise: 9 % of the voxels fall below 180 HU.
+    hu = _sphere_hu(30.0, 260.0, noise_hu=60.0)
+    assert np.mean(hu[15, 40:60, 40:60] < 180.0) > 0.05
+    evidence = image_contrast_evidence(hu, (3.0, 1.0, 1.0))
+    assert evidence is not None
+    assert "(median 260 HU) around slice 16 of 31" in evidence
 
 
 @pytest.mark.parametrize(
     ("radius_mm", "value", "expected"),
     [
-        (30.0, 450.0, "a 60 mm wide region of 180–700 HU (median 450 HU) around slice 16 of 31 in position order"),
+        (30.0, 450.0, "a 59 mm wide region of 180–700 HU (median 450 HU) around slice 16 of 31 in position order"),
         (14.0, 450.0, None),  # as thick as a vertebral body
         (30.0, 1200.0, None),  # cortical bone, dense calcium or metal
         (30.0, 120.0, None),  # a liver or muscle, well above unenhanced blood
@@ -756,7 +766,7 @@ def test_cta_without_agent_refused(chest_cta_hu: np.ndarray) -> None:
     datasets = make_ct_datasets(chest_cta_hu, pixel_spacing=(1.5, 1.5), origin=(0.0, 0.0, 540.0))
     assert "ContrastBolusAgent" not in datasets[0]
     message = (
-        "the images show a 48 mm wide region of 180–700 HU (median 490 HU) around slice 42 of 82 in position "
+        "the images show a 48 mm wide region of 180–700 HU (median 488 HU) around slice 42 of 82 in position "
         "order, as blood enhanced by contrast agent; the header records no agent; calcium scoring needs a "
         "non-contrast scan"
     )
