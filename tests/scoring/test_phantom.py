@@ -100,7 +100,7 @@ def test_phantom_has_no_enhanced_blood(seed: int) -> None:
     case = make_case(seed)
     region = largest_enhanced_region(case.hu, (case.slice_thickness, *case.pixel_spacing))
     assert region is not None
-    assert region.radius_mm < 13.0 < ENHANCED_POOL_RADIUS_MM
+    assert region.radius_mm < ENHANCED_POOL_RADIUS_MM - 5.0
     assert 180.0 <= region.median_hu <= 700.0
 
 
