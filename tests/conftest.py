@@ -46,9 +46,9 @@ def abdomen_dicom_dir(shared_data_dir: Path) -> Path:
 def chest_cta_hu(shared_data_dir: Path) -> np.ndarray:
     """The real chest CT angiogram as 3 mm axial slices of 1.5 mm pixels, in increasing z, float HU.
 
-    The NIfTI file stores 1.5 mm isotropic voxels with an identity direction,
-    so its array is already (slices, rows, columns) in DICOM axial order;
-    pairs of slices are averaged into the 3 mm slices of a calcium scan.
+    The NIfTI file stores 1.5 mm isotropic voxels with an identity direction.
+    Its array is therefore already (slices, rows, columns) in DICOM axial
+    order. Pairs of slices are averaged into the 3 mm slices of a calcium scan.
     """
     import SimpleITK as sitk
 
