@@ -62,7 +62,7 @@ CARDIAC_BODY_PARTS = frozenset({"CHEST", "HEART", "CORONARYARTERY", "THORAX"})
 NO_CONTRAST_TEXTS = frozenset({"NONE", "NO", "N", "NIL", "NO CONTRAST", "NON-CONTRAST", "NONCONTRAST", "0"})
 
 #: HU range of blood enhanced by iodinated contrast. Unenhanced blood is
-#: 30–60 HU; the blood pool of a CT angiogram is 250–600 HU. Above 700 HU
+#: 30–60 HU, and the blood pool of a CT angiogram is 250–600 HU. Above 700 HU
 #: lie cortical bone, dense calcium and metal.
 ENHANCED_BLOOD_HU = (180.0, 700.0)
 
@@ -110,7 +110,7 @@ def _text_attribute(header: Dataset, keyword: str) -> str:
 def contrast_evidence(header: Dataset) -> str | None:
     """Return a description of the contrast agent recorded in an instance, None when none is recorded.
 
-    Only the header is read here; `check_protocol` searches the images
+    Only the header is read here. `check_protocol` searches the images
     (`image_contrast_evidence`) when no instance records an agent.
 
     Each attribute is read at the top level or, for multi-frame instances, in
@@ -163,7 +163,7 @@ def largest_enhanced_region(hu: np.ndarray, spacing_mm: tuple[float, float, floa
     step = max(1, int(_POOL_SAMPLING_MM // min(row_spacing, column_spacing)))
     rows, columns = hu.shape[1] // step * step, hu.shape[2] // step * step
     blocks = hu[:, :rows, :columns].reshape(hu.shape[0], rows // step, step, columns // step, step)
-    # The median of 3 × 3 blocks removes single noisy pixels but keeps the edges of a region.
+    # A 3 × 3 median over the averaged pixels removes single noisy pixels but keeps the edges of a region.
     sampled = ndimage.median_filter(blocks.mean(axis=(2, 4), dtype=np.float32), size=(1, 3, 3))
     low, high = ENHANCED_BLOOD_HU
     pool = (sampled >= low) & (sampled <= high)
@@ -193,8 +193,7 @@ def image_contrast_evidence(hu: np.ndarray, spacing_mm: tuple[float, float, floa
     return (
         f"the images show a {2 * region.radius_mm:.0f} mm wide region of {low:.0f}–{high:.0f} HU "
         f"(median {region.median_hu:.0f} HU) around slice {region.slice_index + 1} of {len(hu)} "
-        "in position order, "
-        "as blood enhanced by contrast agent; the header records no agent"
+        "in position order, as blood enhanced by contrast agent; the header records no agent"
     )
 
 
@@ -311,8 +310,8 @@ def check_protocol(
     slice_thickness: nominal thickness in mm, None when not recorded.
     slice_increment: measured increment in mm.
     hu, pixel_spacing: the decoded volume and its (row, column) spacing in
-        mm; when given, the images are searched for contrast-enhanced blood
-        if the headers record no agent.
+        mm. When both are given and the headers record no agent, the images
+        are searched for contrast-enhanced blood.
     Raises ProtocolRefusedError listing every refused deviation.
     """
     validate_policy(policy)

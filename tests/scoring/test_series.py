@@ -747,7 +747,7 @@ def test_contrast_evidence_survives_noise() -> None:
         (30.0, 450.0, "a 59 mm wide region of 180–700 HU (median 450 HU) around slice 16 of 31 in position order"),
         (14.0, 450.0, None),  # as thick as a vertebral body
         (30.0, 1200.0, None),  # cortical bone, dense calcium or metal
-        (30.0, 120.0, None),  # a liver or muscle, well above unenhanced blood
+        (30.0, 120.0, None),  # soft tissue above unenhanced blood but below the range
     ],
 )
 def test_contrast_evidence_needs_thick_region(
