@@ -52,11 +52,15 @@ class ConfigError(ValueError):
 
     problems: one sentence per problem, each naming the key, the value found,
         what is allowed and how to fix it.
+    valid_sections: the sections whose own keys were all valid, by name
+        ("storage", "scoring"), so that `check-config` can still test the
+        storage root and the model while other keys are wrong.
     """
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(self, source: str, problems: list[str], valid_sections: Mapping[str, Any] | None = None) -> None:
         self.source = source
         self.problems = list(problems)
+        self.valid_sections = dict(valid_sections or {})
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         super().__init__(f"{source}: {len(self.problems)} problem(s) in the node settings:\n{lines}")
 
@@ -360,10 +364,15 @@ class _Validator:
         node = self._node_section(self._table("node"))
         peers = self._peers(self._array_of_tables("peers"))
         destinations = self._destinations(self._array_of_tables("destinations"))
-        storage = self._storage_section(self._table("storage"))
-        scoring = self._scoring_section(self._table("scoring"))
+        valid_sections: dict[str, Any] = {}
+        for name, parse in (("storage", self._storage_section), ("scoring", self._scoring_section)):
+            known = len(self.problems)
+            valid_sections[name] = parse(self._table(name))
+            if len(self.problems) > known:
+                del valid_sections[name]
         if self.problems:
-            raise ConfigError(self.source, self.problems)
+            raise ConfigError(self.source, self.problems, valid_sections)
+        storage, scoring = valid_sections["storage"], valid_sections["scoring"]
         return NodeSettings(node=node, peers=peers, destinations=destinations, storage=storage, scoring=scoring)
 
     # Structure.

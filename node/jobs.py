@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +273,23 @@ class JobStore:
                 )
             except sqlite3.IntegrityError as error:
                 raise JobStoreError(f"instance {record.sop_instance_uid} is already registered") from error
+
+    def remove_instance(self, sop_instance_uid: str, set_aside: Callable[[InstanceRecord], None]) -> InstanceRecord:
+        """Unregister a stored instance, calling `set_aside(record)` to move its file in the same transaction.
+
+        When `set_aside` raises, the instance stays registered.
+
+        Raises:
+            JobStoreError: no instance with this SOPInstanceUID is registered.
+        """
+        with self._transaction() as cursor:
+            row = cursor.execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+            if row is None:
+                raise JobStoreError(f"no stored instance has SOPInstanceUID {sop_instance_uid}")
+            record = InstanceRecord(**dict(row))
+            cursor.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            set_aside(record)
+        return record
 
     def record_conflict(
         self,

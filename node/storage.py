@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 INCOMING_FOLDER = "incoming"
 CONFLICTS_FOLDER = "conflicts"
 OUTPUTS_FOLDER = "outputs"
+#: Instances an operator set aside with `cacs-node retry --remove-instance`, kept for inspection.
+REMOVED_FOLDER = "removed"
 DATABASE_NAME = "jobs.sqlite3"
 #: File under the storage root that a running node keeps locked, with its process ID.
 LOCK_NAME = "node.lock"
@@ -151,6 +153,7 @@ class InstanceStore:
         self.incoming = self.root / INCOMING_FOLDER
         self.conflicts = self.root / CONFLICTS_FOLDER
         self.outputs = self.root / OUTPUTS_FOLDER
+        self.removed = self.root / REMOVED_FOLDER
         self.database_path = self.root / DATABASE_NAME
 
     def create_layout(self) -> None:
@@ -194,6 +197,10 @@ class InstanceStore:
         """Path of a re-sent instance whose content differs from the stored one."""
         name = f"{clean_path_part(sop_instance_uid)}.{clean_path_part(digest[:16])}.dcm"
         return self.checked(self.conflicts / clean_path_part(series_uid) / name)
+
+    def removed_path(self, series_uid: str, sop_instance_uid: str) -> Path:
+        """Path under which an instance set aside from its series is kept."""
+        return self.checked(self.removed / clean_path_part(series_uid) / f"{clean_path_part(sop_instance_uid)}.dcm")
 
     def output_folder(self, job_id: int) -> Path:
         """Folder of the SEG, SR and summary image written for one job."""

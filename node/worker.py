@@ -19,11 +19,12 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import Destination, NodeSettings
 from node.jobs import (
-    DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, Job, JobStore, series_fingerprint, with_job_id,
+    DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, InstanceRecord, Job, JobStore, series_fingerprint,
+    with_job_id,
 )
 from node.pipeline import Pipeline, ScoredSeries
 from node.storage import InstanceStore
-from scoring.errors import SeriesError
+from scoring.errors import DamagedInstanceError, SeriesError
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class JobRunner:
         try:
             scored = self.pipeline.score([self.store.absolute(record.path) for record in instances])
         except SeriesError as error:
-            self._finish(job, REFUSED, str(error), ids)
+            self._finish(job, REFUSED, self._refusal_reason(job, error, instances), ids)
             return None
         except Exception as error:
             logger.exception("%s: scoring failed", ids)
@@ -201,6 +202,16 @@ class JobRunner:
         if self.settings.node.log_patient_identifiers:
             self._log_patient(scored, ids)
         return scored
+
+    def _refusal_reason(self, job: Job, error: SeriesError, instances: list[InstanceRecord]) -> str:
+        """Return the loader's reason, plus the command that sets aside the damaged stored instance it names."""
+        if isinstance(error, DamagedInstanceError) and error.path is not None:
+            damaged = Path(error.path).resolve()
+            for record in instances:
+                if self.store.absolute(record.path) == damaged:
+                    return (f"{error}. To score the series without this instance, run "
+                            f"`cacs-node retry {job.id} --remove-instance {record.sop_instance_uid}`")
+        return str(error)
 
     def _write(self, job: Job, scored: ScoredSeries, ids: str) -> bool:
         """Write the outputs and record them; return False when the job failed here."""

@@ -97,9 +97,10 @@ def model_version(
 def seen_in_training(metadata: dict[str, Any], names: Iterable[str]) -> list[str]:
     """Return the series of `names` that the checkpoint's metadata lists as training series.
 
-    Training summaries list up to 200 series names (phantom-N for phantom
-    seeds, the case folder's name otherwise), so a longer training set is
-    checked in part only. Names of other data sets may coincide by chance.
+    Training summaries list every series name (phantom-N for phantom seeds,
+    the case folder's name otherwise). Checkpoints written before that
+    listed the first 200 only, so their longer training sets are checked in
+    part. Names of other data sets may coincide by chance.
     """
     training = (metadata.get("training_data") or {}).get("training") or {}
     listed = training.get("names") if isinstance(training, dict) else None

@@ -4,6 +4,8 @@ Every message names the offending values and states what to do, because the
 node shows it verbatim on a refused job.
 """
 
+from pathlib import Path
+
 
 class SeriesError(ValueError):
     """Base class: the input cannot be turned into a scoreable CT volume."""
@@ -42,7 +44,15 @@ class MissingUIDError(SeriesError):
 
 
 class DamagedInstanceError(SeriesError):
-    """A DICOM file of the input cannot be read completely, so a slice may be missing unnoticed."""
+    """A DICOM file of the input cannot be read completely, so a slice may be missing unnoticed.
+
+    path: the damaged file, so that the node can name the stored instance to
+        set aside; None when the input was a Dataset in memory.
+    """
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InconsistentIdentityError(SeriesError):

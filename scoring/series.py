@@ -203,15 +203,14 @@ def _read_file(path: Path, drops: _DropLog, short_files: list[Path]) -> _Instanc
     except (OSError, EOFError, ValueError) as error:
         raise DamagedInstanceError(
             f"file {path} has a DICOM prefix but cannot be read ({error}); "
-            "remove the file or re-send the series"
+            "remove the file or re-send the series",
+            path,
         ) from error
     if len(dataset) == 0:
         raise DamagedInstanceError(
-            f"file {path} has a DICOM prefix but no data elements; remove the file or re-send the series"
+            f"file {path} has a DICOM prefix but no data elements; remove the file or re-send the series", path
         )
-    instance = _make_instance(dataset, _instance_name(dataset, f"file {path}"))
-    instance.path = path
-    return instance
+    return _make_instance(dataset, _instance_name(dataset, f"file {path}"), path)
 
 
 def _is_slice_file_name(path: Path) -> bool:
@@ -245,25 +244,27 @@ def _check_short_files(short_files: Sequence[Path], instances: Sequence[_Instanc
             raise DamagedInstanceError(
                 f"file {path} {where} but has only {size} bytes; a DICOM file has at least "
                 f"{DICOM_PREFIX_END} (preamble and DICM prefix); the file is empty or truncated, so a "
-                "slice may be missing; re-send the series, or remove the file if it is not a slice"
+                "slice may be missing; re-send the series, or remove the file if it is not a slice",
+                path,
             )
         drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
 
 
-def _make_instance(dataset: Dataset, name: str) -> _Instance:
+def _make_instance(dataset: Dataset, name: str, path: Path | None = None) -> _Instance:
     sop_class = str(dataset.get("SOPClassUID", "") or "")
     file_meta = getattr(dataset, "file_meta", None)
     media_class = str(file_meta.get("MediaStorageSOPClassUID", "") or "") if file_meta is not None else ""
     if sop_class and media_class and sop_class != media_class:
         raise DamagedInstanceError(
             f"{name} has SOPClassUID {sop_class} but MediaStorageSOPClassUID {media_class}; "
-            "the file is damaged or was edited inconsistently; remove it or re-send the series"
+            "the file is damaged or was edited inconsistently; remove it or re-send the series",
+            path,
         )
     from_file_meta = not sop_class and bool(media_class)
     if from_file_meta:
         sop_class = media_class
         logger.debug("%s has an empty SOPClassUID; using MediaStorageSOPClassUID %s", name, sop_class)
-    return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset), from_file_meta)
+    return _Instance(dataset, name, sop_class, transfer_syntax_of(dataset), from_file_meta, path=path)
 
 
 def _source_paths(path: Path) -> list[Path]:
@@ -325,7 +326,8 @@ def _ineligibility_reason(instance: _Instance) -> str | None:
         return f"localizer (ImageType {'/'.join(image_type)})"
     if "PixelData" not in dataset:
         raise DamagedInstanceError(
-            f"{instance.name} is a CT image without PixelData (7FE0,0010); remove it or re-send the series"
+            f"{instance.name} is a CT image without PixelData (7FE0,0010); remove it or re-send the series",
+            instance.path,
         )
     if instance.sop_class_uid != CT_IMAGE_STORAGE and not dataset.get("PerFrameFunctionalGroupsSequence"):
         class_name = UID(instance.sop_class_uid).name
@@ -333,13 +335,15 @@ def _ineligibility_reason(instance: _Instance) -> str | None:
             f"{instance.name} has SOP class {class_name} but no PerFrameFunctionalGroupsSequence "
             f"(NumberOfFrames {dataset.get('NumberOfFrames', 'missing')}), so its frames have no position "
             "or orientation; it may be a single-frame CT image stored under the wrong SOP class; "
-            "re-export it as CT Image Storage or re-send the series"
+            "re-export it as CT Image Storage or re-send the series",
+            instance.path,
         )
     orientation = _orientation_of(instance)
     if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
         raise DamagedInstanceError(
             f"{instance.name} is a CT image without a valid ImageOrientationPatient ({orientation!r}); "
-            "remove it or re-send the series"
+            "remove it or re-send the series",
+            instance.path,
         )
     try:
         normal = slice_normal(np.asarray([float(v) for v in orientation], dtype=np.float64))  # type: ignore[union-attr]

@@ -403,13 +403,15 @@ def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
 
 
 def summarise_cases(cases: Sequence[TrainingCase]) -> dict[str, Any]:
-    """Training data summary for checkpoint metadata: series, slices, labelled slices."""
+    """Training data summary for checkpoint metadata: series, slices, labelled
+    slices, and the name of every series, which `seen_in_training` checks
+    evaluation sets against (a name takes some 20 bytes)."""
     return {
         "series": len(cases),
         "slices": int(sum(case.hu.shape[0] for case in cases)),
         "labelled_slices": int(sum(case.labelled_slices for case in cases)),
         "calcium_slices": int(sum(len(case.calcium_slices) for case in cases)),
-        "names": [case.name for case in cases][:200],
+        "names": [case.name for case in cases],
     }
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from node.config import NodeSettings
-    from node.jobs import JobStore
+    from node.jobs import InstanceRecord, JobStore
     from node.storage import InstanceStore
 
-HELP = "retry a failed or refused job; resolve a conflicting series with --keep-stored or --take-new"
+HELP = ("retry a failed or refused job; resolve a conflicting series with --keep-stored or --take-new, "
+        "or set a damaged instance aside with --remove-instance")
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score again even when the job is done or was scored with the same model version",
     )
+    parser.add_argument(
+        "--remove-instance",
+        action="append",
+        default=[],
+        metavar="SOP_INSTANCE_UID",
+        help="set this instance of the job's series aside under <storage root>/removed and score the "
+             "series without it, e.g. the damaged instance a refused job names; repeat for several",
+    )
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument(
         "--keep-stored",
@@ -46,8 +57,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_stored: bool = False, take_new: bool = False) -> str:
-    """Resolve a series conflict if asked, then put the job back for the node's worker.
+def retry_job(
+    settings: NodeSettings,
+    job_id: int,
+    *,
+    force: bool = False,
+    keep_stored: bool = False,
+    take_new: bool = False,
+    remove: Sequence[str] = (),
+) -> str:
+    """Resolve a series conflict or set instances aside if asked, then put the job back for the node's worker.
+
+    remove: SOPInstanceUIDs of the job's series to move from the series to
+        the storage root's removed folder; the file is kept, not deleted.
 
     A job that failed while sending keeps its outputs and sends only what was
     not stored, unless `force`; any other job is scored again.
@@ -58,7 +80,8 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
     Raises:
         RetryError: the job is still running, is done without `force`, has
             a conflict and neither `keep_stored` nor `take_new` was given, or
-            has no conflict and one of them was given.
+            has no conflict and one of them was given, or an instance of
+            `remove` is not in the job's series or is its last instance.
         node.jobs.JobStoreError: no such job.
     """
     from node.jobs import ACTIVE_STATES, DONE, FAILED, JobStore
@@ -96,6 +119,10 @@ def retry_job(settings: NodeSettings, job_id: int, *, force: bool = False, keep_
                     f"job {job_id}: {conflict}. Add --keep-stored or --take-new to say which copies to score"
                 )
             resolved = _resolve_conflict(store, jobs, job.series_instance_uid, take_new=take_new)
+
+        if remove:
+            set_aside = _set_aside(store, jobs, job_id, job.series_instance_uid, remove)
+            resolved = f"{resolved} and {set_aside}" if resolved else set_aside
 
         resend_only = job.state == FAILED and not force and not resolved and _outputs_present(store, jobs, job_id)
         note = "retried by an operator" + (f" after {resolved}" if resolved else "")
@@ -138,6 +165,43 @@ def _resolve_conflict(store: InstanceStore, jobs: JobStore, series_uid: str, *, 
     return f"kept the stored copies and deleted {len(conflicts)} re-sent copy(ies)"
 
 
+def _set_aside(store: InstanceStore, jobs: JobStore, job_id: int, series_uid: str, remove: Sequence[str]) -> str:
+    """Move the instances `remove` of a series to the removed folder and unregister them; describe what was done."""
+    uids = list(dict.fromkeys(uid.strip() for uid in remove))
+    stored = {record.sop_instance_uid for record in jobs.series_instances(series_uid)}
+    unknown = [uid for uid in uids if uid not in stored]
+    if unknown:
+        raise RetryError(
+            f"job {job_id}: series {series_uid} has no stored instance {', '.join(unknown)}; "
+            f"`cacs-node status {job_id}` names the series and its refusal reason names the instance"
+        )
+    if len(uids) == len(stored):
+        raise RetryError(
+            f"job {job_id}: removing {len(uids)} instance(s) would leave series {series_uid} empty; "
+            "re-send the series instead"
+        )
+
+    def move(record: InstanceRecord) -> None:
+        source = store.absolute(record.path)
+        if not source.exists():
+            logger.warning("instance %s: its file %s is already gone; unregistering it", record.sop_instance_uid, source)
+            return
+        target = store.removed_path(series_uid, record.sop_instance_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+
+    for uid in uids:
+        try:
+            jobs.remove_instance(uid, move)
+        except OSError as error:
+            raise RetryError(
+                f"job {job_id}: cannot move instance {uid} to {store.removed} ({error.strerror}); it stays in the "
+                "series; check that the node's user may write under the storage root"
+            ) from error
+        logger.info("job %d series %s: instance %s set aside under %s", job_id, series_uid, uid, store.removed)
+    return f"set aside {len(uids)} instance(s) under {store.removed}"
+
+
 def run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, default_config_path, load_settings
     from node.jobs import JobStoreError
@@ -150,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         message = retry_job(settings, args.job, force=args.force, keep_stored=args.keep_stored,
-                            take_new=args.take_new)
+                            take_new=args.take_new, remove=args.remove_instance)
     except (RetryError, JobStoreError) as error:
         print(f"cacs-node retry: {error}", file=sys.stderr)
         return 1

@@ -124,11 +124,14 @@ class FakePipeline:
     refuse_with: exception raised by `score` (for refusal tests).
     refused_kinds: destination name → output kinds that destination refuses with 0xA900.
     score_delay_s: time `score` takes, to keep a job in scoring while a test acts.
+    load_series: read the instances with the real series loader first, so
+        that its refusals (a damaged instance) reach the worker.
     """
 
     refuse_with: Exception | None = None
     refused_kinds: dict[str, set[str]] = field(default_factory=dict)
     score_delay_s: float = 0.0
+    load_series: bool = False
     scored: list[list[Path]] = field(default_factory=list)
     predecessors: list[Dataset | None] = field(default_factory=list)
     #: (destination name, output kinds stored there) per send call.
@@ -148,6 +151,10 @@ class FakePipeline:
             self.scored.append(sorted(Path(path) for path in paths))
         if self.refuse_with is not None:
             raise self.refuse_with
+        if self.load_series:
+            from scoring.series import load_series
+
+            load_series([str(path) for path in paths])
         total = 10.0 * len(paths)
         scores = {"LAD": total, "LCX": 0.0, "RCA": 0.0, "total": total}
         result = ScoringResult(

@@ -346,6 +346,53 @@ def test_retry_conflict_take_new_replaces_instance(node: NodeServer, settings: N
     assert pydicom.dcmread(node.store.absolute(record.path)).WindowWidth == 1500
 
 
+def test_damaged_instance_set_aside_by_retry(
+    settings: NodeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = FakePipeline(load_series=True)
+    server = NodeServer(settings, pipeline=pipeline)
+    server.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="damaged")
+        # The last slice by position: without it the series still has no gap.
+        del datasets[-1].PixelData
+        damaged_uid = str(datasets[-1].SOPInstanceUID)
+        store_all(server.port, datasets)
+        assert server.wait_idle(20)
+        store = _jobs(server)
+        job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+        assert job.state == REFUSED
+        assert "is a CT image without PixelData (7FE0,0010)" in job.reason
+        assert job.reason.endswith(f"To score the series without this instance, run "
+                                   f"`cacs-node retry {job.id} --remove-instance {damaged_uid}`")
+        stored = store.find_instance(damaged_uid)
+        assert stored is not None
+        stored_bytes = server.store.absolute(stored.path).read_bytes()
+
+        with pytest.raises(RetryError, match=f"has no stored instance 1.2.3.4; `cacs-node status {job.id}`"):
+            retry_job(settings, job.id, remove=["1.2.3.4"])
+        all_uids = [str(dataset.SOPInstanceUID) for dataset in datasets]
+        with pytest.raises(RetryError, match="removing 5 instance\\(s\\) would leave series .* empty"):
+            retry_job(settings, job.id, remove=all_uids)
+        assert len(store.series_instances(job.series_instance_uid)) == 5
+
+        config = tmp_path / "node.toml"
+        config.write_text(f'[storage]\nroot = "{server.store.root}"\n', encoding="utf-8")
+        assert main(["retry", str(job.id), "--remove-instance", damaged_uid, "--config", str(config)]) == 0
+        wait_for(lambda: store.job(job.id).state == DONE, 20, "job not scored after the instance was set aside")
+        assert store.find_instance(damaged_uid) is None
+    finally:
+        server.stop()
+
+    assert capsys.readouterr().out == (f"job {job.id} queued: the running node scores the series again "
+                                       f"(set aside 1 instance(s) under {server.store.removed})\n")
+    # The four remaining slices were scored; the set-aside file is kept byte for byte.
+    assert [len(paths) for paths in pipeline.scored] == [5, 4]
+    set_aside_file = server.store.removed_path(job.series_instance_uid, damaged_uid)
+    assert set_aside_file.read_bytes() == stored_bytes
+    assert not server.store.absolute(stored.path).exists()
+
+
 @pytest.mark.parametrize("option", ["--keep-stored", "--take-new"])
 def test_retry_resolution_without_conflict_rejected(node: NodeServer, tmp_path: Path, option: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -415,7 +462,27 @@ def test_check_config_random_bytes_model_exits_1(tmp_path: Path, capsys: pytest.
     assert f"model file {tmp_path / 'model.pt'} cannot be read (UnpicklingError): it is damaged" in captured.err
     # torch's own explanation of weights_only loading is left out.
     assert "weights_only" not in captured.err
-    assert len(captured.err.splitlines()) == 1
+    assert captured.err.splitlines()[0] == f"cacs-node check-config: {path}: 1 problem(s) in the node settings:"
+    assert len(captured.err.splitlines()) == 2
+
+
+def test_check_config_lists_all_problem_kinds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model.pt").write_bytes(b"not a model")
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nport = 0\n[storage]\nroot = "/proc/cacs-node-data"\n'
+                    '[scoring]\nmodel_path = "model.pt"\ndevice = "cpu"\n', encoding="utf-8")
+
+    assert main(["check-config", "--config", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    # One run names the key, the storage root and the model, so the engineer fixes all three at once.
+    assert lines[0] == f"cacs-node check-config: {path}: 3 problem(s) in the node settings:"
+    assert lines[1] == "  - [node] port = 0: a TCP port is between 1 and 65535"
+    assert lines[2].startswith("  - [storage] root /proc/cacs-node-data: this user cannot create "
+                               "/proc/cacs-node-data in /proc")
+    assert lines[3].startswith(f"  - [scoring] model: model file {tmp_path / 'model.pt'} cannot be read")
+    assert len(lines) == 4
 
 
 def test_serve_unloadable_model_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -321,3 +321,19 @@ def test_seen_in_training_reads_the_listed_names():
     assert checkpoint.seen_in_training(metadata, ["case-a", "phantom-2", "phantom-1"]) == ["case-a", "phantom-1"]
     assert checkpoint.seen_in_training({}, ["phantom-1"]) == []
     assert checkpoint.seen_in_training({"training_data": {"training": {"names": "phantom-1"}}}, ["phantom-1"]) == []
+
+
+def test_training_summary_lists_all_names():
+    from types import SimpleNamespace
+
+    from scoring.training import summarise_cases
+
+    cases = [SimpleNamespace(name=f"phantom-{seed}", hu=np.zeros((3, 2, 2)), labelled_slices=2,
+                             calcium_slices=[1]) for seed in range(250)]
+    summary = summarise_cases(cases)
+
+    assert (summary["series"], summary["slices"], summary["labelled_slices"], summary["calcium_slices"]) == (
+        250, 750, 500, 250)
+    metadata = {"training_data": {"training": summary}}
+    assert checkpoint.seen_in_training(metadata, ["phantom-249", "phantom-250", "phantom-0"]) == [
+        "phantom-249", "phantom-0"]

@@ -232,8 +232,11 @@ def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, erro
     make_series_dir(tmp_path, blank_hu(slices=3), uid_seed="truncated")
     damaged = sorted(tmp_path.iterdir())[1]
     damaged.write_bytes(damaged.read_bytes()[:kept_bytes])
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         load_series(tmp_path)
+    # The node looks the file up among its stored instances to offer setting it aside.
+    if error is DamagedInstanceError:
+        assert raised.value.path == damaged
 
 
 @pytest.mark.parametrize("kept_bytes", [0, 100], ids=["empty", "100-bytes"])
@@ -256,8 +259,10 @@ def test_load_series_short_uid_file_raises(tmp_path: Path) -> None:
     renamed = damaged.with_suffix("")  # a UID name: its last component "1234" reads as a digits-only suffix
     damaged.rename(renamed)
     renamed.write_bytes(b"")
-    with pytest.raises(DamagedInstanceError, match=rf"{renamed.name} sits beside DICOM files but has only 0 bytes"):
+    message = rf"{renamed.name} sits beside DICOM files but has only 0 bytes"
+    with pytest.raises(DamagedInstanceError, match=message) as raised:
         load_series(tmp_path)
+    assert raised.value.path == renamed
 
 
 def test_load_series_short_non_dicom_files_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
