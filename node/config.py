@@ -25,7 +25,9 @@ from scoring.config import DEFAULT_MASS_CALIBRATION_FACTOR, ProtocolPolicy, Scor
 
 #: Output kinds a destination can receive: the CAC SEG, the coronary artery
 #: region SEG, the TID 1500 SR and the summary Secondary Capture image.
-OUTPUT_KINDS: frozenset[str] = frozenset({"seg", "region_seg", "sr", "summary"})
+OUTPUT_KINDS: frozenset[str] = frozenset({"seg", "region_seg", "sr", "summary", "notice"})
+#: The output kind written only for a refused series: the not-scored notice.
+NOTICE = "notice"
 
 #: Maximum length of an AE title (PS3.5 Table 6.2-1, VR AE).
 AE_TITLE_MAX_LENGTH = 16

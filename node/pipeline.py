@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.config import OUTPUT_KINDS, Destination, NodeSettings
+from node.config import NOTICE, OUTPUT_KINDS, Destination, NodeSettings
 from scoring.result import ScoringResult
 from scoring.volume import CTVolume
 
@@ -70,6 +70,14 @@ class Pipeline(Protocol):
 
     def write(self, scored: ScoredSeries, out_dir: Path, predecessor: Dataset | None) -> list[WrittenOutput]:
         """Write the outputs into `out_dir`; `predecessor` is the SR that the new SR supersedes."""
+        ...
+
+    def write_notice(self, paths: Sequence[Path], reason: str, out_dir: Path) -> WrittenOutput:
+        """Write the not-scored notice of a refused series into `out_dir`.
+
+        Raises:
+            ValueError: no instance file has a readable header with the UIDs the notice needs.
+        """
         ...
 
     def send(self, files: Sequence[Path], destination: Destination, stop_event: threading.Event) -> Any:
@@ -216,6 +224,26 @@ class ScoringPipeline:
         )
         return outputs_of(derived, out_dir)
 
+    def write_notice(self, paths: Sequence[Path], reason: str, out_dir: Path) -> WrittenOutput:
+        import scoring
+        from sr_writer import AlgorithmIdentification, build_notice_image
+        from sr_writer.identity import normalize_uid_root
+        from sr_writer.outputs import write_dataset
+
+        header = _first_readable_header(paths)
+        model = self._loaded_model()
+        algorithm = AlgorithmIdentification(
+            name="cacs-node", version=scoring.__version__, model_version=_version_of(model),
+            model_caution=getattr(model, "caution", None),
+        )
+        uid_root = self.settings.node.uid_root
+        notice = build_notice_image(
+            header, reason, received_instances=len(paths), algorithm=algorithm, uid_root=uid_root,
+            device_serial_number=normalize_uid_root(uid_root).rstrip("."),
+        )
+        path = write_dataset(notice, out_dir)
+        return WrittenOutput(kind=NOTICE, path=path, sop_instance_uid=str(notice.SOPInstanceUID))
+
     def send(self, files: Sequence[Path], destination: Destination, stop_event: threading.Event) -> Any:
         from node.scu import send_with_retries
 
@@ -226,6 +254,24 @@ class ScoringPipeline:
             node_section=self.settings.node,
             stop_event=stop_event,
         )
+
+
+def _first_readable_header(paths: Sequence[Path]) -> Dataset:
+    """Return the header (no pixel data) of the first file with SOP Class, SOP Instance and Study UIDs.
+
+    Raises:
+        ValueError: no file has them.
+    """
+    from pydicom import dcmread
+
+    for path in paths:
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - pydicom raises several types for damaged files; the next file may do
+            continue
+        if all(header.get(keyword) for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")):
+            return header
+    raise ValueError(f"none of the {len(paths)} instance file(s) has a readable header with SOP and study UIDs")
 
 
 def describe_instances(paths: Sequence[Path]) -> str:

@@ -17,14 +17,14 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.config import Destination, NodeSettings
+from node.config import NOTICE, Destination, NodeSettings
 from node.jobs import (
     DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, InstanceRecord, Job, JobStore, series_fingerprint,
     with_job_id,
 )
 from node.pipeline import Pipeline, ScoredSeries
 from node.storage import InstanceStore
-from scoring.errors import DamagedInstanceError, SeriesError
+from scoring.errors import DamagedInstanceError, NoEligibleSeriesError, SeriesError
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,12 @@ class JobRunner:
 
     def _score(self, job: Job, ids: str) -> ScoredSeries | None:
         """Score the series' current instances; return None when the job ended here."""
+        instances = self.jobs.series_instances(job.series_instance_uid)
         conflict = self.jobs.series_conflict(job.series_instance_uid)
         if conflict:
-            self._finish(job, REFUSED, with_job_id(conflict, job.id), ids)
+            self._refuse(job, with_job_id(conflict, job.id), instances, ids)
             return None
 
-        instances = self.jobs.series_instances(job.series_instance_uid)
         fingerprint = series_fingerprint(instances)
         try:
             model_version = self.pipeline.model_version()
@@ -189,7 +189,10 @@ class JobRunner:
         try:
             scored = self.pipeline.score([self.store.absolute(record.path) for record in instances])
         except SeriesError as error:
-            self._finish(job, REFUSED, self._refusal_reason(job, error, instances), ids)
+            # A series without CT images (localizers, reports) is not a failed
+            # calcium score, so it gets no notice.
+            notify = not isinstance(error, NoEligibleSeriesError)
+            self._refuse(job, self._refusal_reason(job, error, instances), instances, ids, notify=notify)
             return None
         except Exception as error:
             logger.exception("%s: scoring failed", ids)
@@ -202,6 +205,33 @@ class JobRunner:
         if self.settings.node.log_patient_identifiers:
             self._log_patient(scored, ids)
         return scored
+
+    def _refuse(self, job: Job, reason: str, instances: list[InstanceRecord], ids: str, *, notify: bool = True) -> None:
+        """End the job as refused, after sending the not-scored notice when `notify` and a destination takes it.
+
+        The job stays active while the notice is sent, so `retry` waits for it
+        and a stop of the node leaves the job to be refused again at the next start.
+        """
+        problem = self._send_notice(job, reason, instances, ids) if notify else ""
+        self._finish(job, REFUSED, f"{reason}. {problem}" if problem else reason, ids)
+
+    def _send_notice(self, job: Job, reason: str, instances: list[InstanceRecord], ids: str) -> str:
+        """Write the not-scored notice and send it to the destinations that take it; return what failed, or ""."""
+        destinations = [destination for destination in self.settings.destinations if NOTICE in destination.outputs]
+        if not destinations or self._stop.is_set():
+            return ""
+        try:
+            out_dir = self.store.output_folder(job.id)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            notice = self.pipeline.write_notice([self.store.absolute(record.path) for record in instances], reason, out_dir)
+            self.jobs.record_outputs(job.id, {NOTICE: (self.store.relative(notice.path), notice.sop_instance_uid)})
+        except Exception as error:
+            logger.exception("%s: writing the not-scored notice failed", ids)
+            return f"The not-scored notice could not be written: {type(error).__name__}: {error}"
+        outputs = self.jobs.outputs(job.id)
+        failures = [self._send_to(job, destination, [NOTICE], outputs, ids) for destination in destinations]
+        failures = [failure for failure in failures if failure]
+        return f"The not-scored notice was not sent: {'; '.join(failures)}" if failures else ""
 
     def _refusal_reason(self, job: Job, error: SeriesError, instances: list[InstanceRecord]) -> str:
         """Return the loader's reason, plus the command that sets aside the damaged stored instance it names."""

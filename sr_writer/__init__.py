@@ -8,11 +8,12 @@ from sr_writer.identity import AlgorithmIdentification
 from sr_writer.outputs import DerivedObjects, write_outputs
 from sr_writer.seg import build_region_seg, build_seg
 from sr_writer.sr import build_sr
-from sr_writer.summary import build_summary_image
+from sr_writer.summary import build_notice_image, build_summary_image
 
 __all__ = [
     "AlgorithmIdentification",
     "DerivedObjects",
+    "build_notice_image",
     "build_region_seg",
     "build_seg",
     "build_sr",

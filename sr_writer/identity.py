@@ -82,7 +82,7 @@ _TYPE2_KEYWORDS: tuple[str, ...] = (
 )
 
 #: Offset added to source SeriesNumber × 100 for each output kind.
-SERIES_NUMBER_OFFSETS: dict[str, int] = {"seg": 1, "region_seg": 2, "sr": 3, "summary": 4}
+SERIES_NUMBER_OFFSETS: dict[str, int] = {"seg": 1, "region_seg": 2, "sr": 3, "summary": 4, "notice": 5}
 
 #: Series numbers used when the source has no usable SeriesNumber.
 FALLBACK_SERIES_BASE = 9900
@@ -95,6 +95,7 @@ _SERIES_DESCRIPTION_LABELS: dict[str, str] = {
     "region_seg": "CAC regions SEG",
     "sr": "CAC SR",
     "summary": "CAC summary",
+    "notice": "CAC not scored",
 }
 
 _UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -179,7 +180,8 @@ def series_number(source: Dataset, kind: str) -> int:
     """Return the deterministic series number of an output `kind` for a source series.
 
     The number is source SeriesNumber × 100 + the kind's offset (1 SEG,
-    2 region SEG, 3 SR, 4 summary image), so CT series 29 gets 2901 to 2904.
+    2 region SEG, 3 SR, 4 summary image, 5 not-scored notice), so CT series
+    29 gets 2901 to 2905.
     Without a usable source SeriesNumber, or when the result would not fit an
     IS value, it is 9900 + the offset.
     """

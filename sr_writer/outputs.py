@@ -103,7 +103,7 @@ def write_outputs(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = tuple(
-        _write_dataset(dataset, folder) for dataset in (seg, region_seg, sr, summary) if dataset is not None
+        write_dataset(dataset, folder) for dataset in (seg, region_seg, sr, summary) if dataset is not None
     )
     logger.info(
         "wrote %d object(s) for series %s to %s: SEG %s (%d frame(s)), SR %s, summary %s",
@@ -118,7 +118,7 @@ def write_outputs(
     return DerivedObjects(seg=seg, region_seg=region_seg, sr=sr, summary=summary, paths=paths)
 
 
-def _write_dataset(dataset: Dataset, folder: Path) -> Path:
+def write_dataset(dataset: Dataset, folder: Path) -> Path:
     """Write `dataset` as `folder/<SOPInstanceUID>.dcm` via a temporary file, fsync and rename."""
     uid = str(dataset.SOPInstanceUID)
     if not uid or not all(character.isdigit() or character == "." for character in uid):

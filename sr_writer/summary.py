@@ -7,6 +7,9 @@ the axial slices with the most scored calcium, with a coloured overlay per
 artery in the SEG's colours. The page states that it is automatically generated and not
 verified, and the image carries BurnedInAnnotation YES because it shows the
 patient's name and ID.
+
+`build_notice_image` draws the page for a series the node refused instead:
+the same header, the statement that no score was computed, and the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import textwrap
+import unicodedata
 
 import highdicom as hd
 import numpy as np
@@ -79,6 +83,18 @@ _RISK_TEXT = {
     "IV": "IV (Agatston 300 or above)",
 }
 
+#: Most lines of the reason drawn on the not-scored notice, and the characters
+#: per line: about 100 characters of 16-point text fill the page width.
+_NOTICE_REASON_LINES = 16
+_NOTICE_LINE_WIDTH = 95
+
+#: Largest length of an LT value such as ImageComments (PS3.5 table 6.2-1).
+_LONG_TEXT_LENGTH = 10240
+
+#: ASCII spellings of the symbols in the node's messages, for `_ascii_text`.
+_ASCII_SPELLINGS = {"–": "-", "—": "-", "×": "x", "≥": ">=", "≤": "<=", "→": "->", "…": "...", "°": " deg", "³": "3",
+                    "²": "2", "“": '"', "”": '"', "‘": "'", "’": "'"}
+
 _MANUFACTURER = "cacs-node"
 _BACKGROUND = "#101014"
 _TEXT = "#f0f0f0"
@@ -121,18 +137,119 @@ def build_summary_image(
     shown_slices = slices_with_most_calcium(scored)
     pixels = render_summary(volume, scored, result, algorithm=algorithm, shown_slices=shown_slices)
 
-    first_header = volume.headers[0]
+    image = _secondary_capture(
+        volume.headers[0], volume.sop_class_uid, pixels, "summary",
+        algorithm=algorithm, uid_root=uid_root, device_serial_number=device_serial_number,
+        comments="Automatically generated calcium score summary; not verified by a physician" + (
+            f"; model: {algorithm.model_caution}" if algorithm.model_caution else ""
+        ),
+        derivation="Calcium score table and axial CT slices with calcium overlay",
+    )
+    if shown_slices:
+        # Type 3 sequence that must not be empty when present.
+        image.SourceImageSequence = [_source_reference(volume, index) for index in shown_slices]
+    logger.info(
+        "built summary image %s for series %s showing slice(s) %s",
+        image.SOPInstanceUID,
+        volume.series_instance_uid,
+        shown_slices,
+    )
+    return image
+
+
+def build_notice_image(
+    header: Dataset,
+    reason: str,
+    *,
+    received_instances: int,
+    algorithm: AlgorithmIdentification,
+    uid_root: str,
+    device_serial_number: str,
+) -> hd.sc.SCImage:
+    """Build the not-scored notice (RGB Secondary Capture) of a series that the node refused.
+
+    Args:
+        header: a received instance of the refused series, read without pixel
+            data; the notice copies its Patient and Study modules.
+        reason: why the series was not scored, as the node recorded it.
+        received_instances: number of instances of the series the node keeps.
+        algorithm, uid_root, device_serial_number: as for `build_summary_image`.
+
+    Raises:
+        ValueError: `uid_root` is invalid, or `header` lacks SOPClassUID or
+            StudyInstanceUID, so the notice cannot join the study.
+    """
+    missing = [keyword for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID") if not header.get(keyword)]
+    if missing:
+        raise ValueError(f"the received instance lacks {', '.join(missing)}, so a notice cannot join its study")
+    pixels = render_notice(header, reason, received_instances=received_instances, algorithm=algorithm)
+    image = _secondary_capture(
+        header, str(header.SOPClassUID), pixels, "notice",
+        algorithm=algorithm, uid_root=uid_root, device_serial_number=device_serial_number,
+        comments=_ascii_text(f"Calcium score not computed: {reason}")[:_LONG_TEXT_LENGTH],
+        derivation="Notice that no calcium score was computed for the series, with the reason",
+    )
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    image.SourceImageSequence = [reference]
+    logger.info("built not-scored notice %s for series %s", image.SOPInstanceUID, header.get("SeriesInstanceUID", ""))
+    return image
+
+
+def render_notice(
+    header: Dataset, reason: str, *, received_instances: int, algorithm: AlgorithmIdentification
+) -> np.ndarray:
+    """Render the not-scored notice as a uint8 RGB array of shape (height, width, 3)."""
+    width, height = PAGE_SIZE
+    figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor=_BACKGROUND)
+    canvas = FigureCanvasAgg(figure)
+
+    top = _draw_header(figure, header, algorithm, title="Calcium score NOT COMPUTED")
+    figure.text(0.02, top, "No calcium score was computed for this series.", color=_WARNING, fontsize=20,
+                weight="bold", va="top")
+    figure.text(0.02, top - 0.06, "Reason:", color=_TEXT, fontsize=16, weight="bold", va="top")
+    lines = textwrap.wrap(_drawable(reason), width=_NOTICE_LINE_WIDTH) or ["(none recorded)"]
+    if len(lines) > _NOTICE_REASON_LINES:
+        lines = lines[: _NOTICE_REASON_LINES - 1] + ["… (the full reason is in the image comments and the node's job list)"]
+    closing = (
+        f"The node keeps the {received_instances} received instance(s). No SEG, SR or summary follows for this "
+        "series unless the cause is fixed and the series is scored again, for example after it is re-sent."
+    )
+    y = top - 0.10
+    for line in [*lines, "", *textwrap.wrap(closing, width=_NOTICE_LINE_WIDTH)]:
+        figure.text(0.02, y, line, color=_TEXT, fontsize=16, va="top")
+        y -= (16 + 8) / height
+
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+
+
+def _secondary_capture(
+    header: Dataset,
+    sop_class_uid: str,
+    pixels: np.ndarray,
+    kind: str,
+    *,
+    algorithm: AlgorithmIdentification,
+    uid_root: str,
+    device_serial_number: str,
+    comments: str,
+    derivation: str,
+) -> hd.sc.SCImage:
+    """Wrap a rendered page as an RGB Secondary Capture in the study of `header`, as output `kind`."""
     # The page has no patient orientation. highdicom requires one for the
     # PATIENT coordinate system; the Type 2 attribute is emptied below.
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=highdicom_source(first_header, volume.sop_class_uid),
+        ref_dataset=highdicom_source(header, sop_class_uid),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         patient_orientation=("L", "P"),
         series_instance_uid=new_uid(uid_root),
-        series_number=series_number(first_header, "summary"),
+        series_number=series_number(header, kind),
         sop_instance_uid=new_uid(uid_root),
         instance_number=1,
         manufacturer=_MANUFACTURER,
@@ -143,27 +260,16 @@ def build_summary_image(
     image.BodyPartExamined = "HEART"
 
     # Patient and Study modules verbatim from the source, and deterministic naming.
-    copy_patient_and_study(first_header, image)
-    image.SeriesDescription = series_description("summary", algorithm)
+    copy_patient_and_study(header, image)
+    image.SeriesDescription = series_description(kind, algorithm)
     image.BurnedInAnnotation = "YES"
     # Workstation: the page is rendered by software, not digitised.
     image.ConversionType = "WSD"
-    image.ImageComments = "Automatically generated calcium score summary; not verified by a physician" + (
-        f"; model: {algorithm.model_caution}" if algorithm.model_caution else ""
-    )
+    image.ImageComments = comments
     image.ManufacturerModelName = algorithm.name
     image.SoftwareVersions = [algorithm.version, f"model {algorithm.model_version}"]
     image.DeviceSerialNumber = device_serial_number
-    image.DerivationDescription = "Calcium score table and axial CT slices with calcium overlay"
-    if shown_slices:
-        # Type 3 sequence that must not be empty when present.
-        image.SourceImageSequence = [_source_reference(volume, index) for index in shown_slices]
-    logger.info(
-        "built summary image %s for series %s showing slice(s) %s",
-        image.SOPInstanceUID,
-        volume.series_instance_uid,
-        shown_slices,
-    )
+    image.DerivationDescription = derivation
     return image
 
 
@@ -209,9 +315,11 @@ def render_summary(
     return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
 
 
-def _draw_header(figure: Figure, header: Dataset, algorithm: AlgorithmIdentification) -> float:
+def _draw_header(
+    figure: Figure, header: Dataset, algorithm: AlgorithmIdentification, title: str = "Coronary artery calcium score"
+) -> float:
     """Draw the title, patient, study and warning lines; return the top of the findings column."""
-    figure.text(0.02, 0.965, "Coronary artery calcium score", color=_TEXT, fontsize=22, weight="bold", va="top")
+    figure.text(0.02, 0.965, title, color=_TEXT, fontsize=22, weight="bold", va="top")
     patient = _patient_line(header)
     study = _drawable(
         f"Study {_display_date(header.get('StudyDate'))}   accession {header.get('AccessionNumber') or '-'}   "
@@ -464,6 +572,18 @@ def _display_date(value: object) -> str:
     if len(text) == 8 and text.isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
     return text or "-"
+
+
+def _ascii_text(text: str) -> str:
+    """Return `text` in ASCII, which every Specific Character Set that the notice may copy can encode.
+
+    The node's reasons use a few typographic symbols (en dash, ×, ≥, →); they
+    get ASCII spellings, accents are dropped, and anything else becomes "?".
+    """
+    for symbol, spelling in _ASCII_SPELLINGS.items():
+        text = text.replace(symbol, spelling)
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode("ascii")
 
 
 def _hex(color: tuple[int, int, int]) -> str:

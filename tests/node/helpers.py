@@ -134,6 +134,9 @@ class FakePipeline:
     load_series: bool = False
     scored: list[list[Path]] = field(default_factory=list)
     predecessors: list[Dataset | None] = field(default_factory=list)
+    #: The reason passed to each `write_notice` call, and the error it raises (None: it writes).
+    notices: list[str] = field(default_factory=list)
+    notice_error: Exception | None = None
     #: (destination name, output kinds stored there) per send call.
     sent: list[tuple[str, list[str]]] = field(default_factory=list)
     kind_of: dict[Path, str] = field(default_factory=dict)
@@ -180,20 +183,19 @@ class FakePipeline:
     def write(self, scored: ScoredSeries, out_dir: Path, predecessor: Dataset | None) -> list[WrittenOutput]:
         with self.lock:
             self.predecessors.append(predecessor)
-        outputs = []
-        for kind in ("seg", "sr"):
-            dataset = Dataset()
-            dataset.SOPClassUID = BASIC_TEXT_SR
-            dataset.SOPInstanceUID = generate_uid()
-            dataset.file_meta = FileMetaDataset()
-            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            dataset.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
-            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-            path = out_dir / f"{dataset.SOPInstanceUID}.dcm"
-            dataset.save_as(path, enforce_file_format=True)
-            outputs.append(WrittenOutput(kind, path, str(dataset.SOPInstanceUID)))
-            self.kind_of[path.resolve()] = kind
-        return outputs
+        return [self._write_stand_in(kind, out_dir) for kind in ("seg", "sr")]
+
+    def write_notice(self, paths: Sequence[Path], reason: str, out_dir: Path) -> WrittenOutput:
+        with self.lock:
+            self.notices.append(reason)
+        if self.notice_error is not None:
+            raise self.notice_error
+        return self._write_stand_in("notice", out_dir)
+
+    def _write_stand_in(self, kind: str, out_dir: Path) -> WrittenOutput:
+        path, sop_instance_uid = write_stand_in(out_dir, BASIC_TEXT_SR)
+        self.kind_of[path.resolve()] = kind
+        return WrittenOutput(kind, path, sop_instance_uid)
 
     def send(self, files: Sequence[Path], destination: Destination, stop_event: threading.Event) -> FakeSendReport:
         refused = self.refused_kinds.get(destination.name, set())
@@ -211,6 +213,28 @@ class FakePipeline:
             self.sent.append((destination.name, sent_kinds))
         return FakeSendReport(destination.name, f"{destination.ae_title}@{destination.host}:{destination.port}",
                               tuple(results))
+
+
+def write_stand_in(folder: Path, sop_class: str, **attributes: Any) -> tuple[Path, str]:
+    """Write a minimal DICOM file of `sop_class` with new UIDs into `folder`; return its path and SOPInstanceUID.
+
+    attributes: further elements by keyword, e.g. PatientID="TEST"; Modality is "SR" unless given.
+    """
+    dataset = Dataset()
+    dataset.SOPClassUID = sop_class
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.Modality = "SR"
+    for keyword, value in attributes.items():
+        setattr(dataset, keyword, value)
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path, str(dataset.SOPInstanceUID)
 
 
 def associate(port: int, *, calling: str = SCANNER_AE, called: str = NODE_AE,

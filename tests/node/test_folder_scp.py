@@ -6,35 +6,18 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.config import Destination, NodeSection
 from node.folder_scp import FolderStorageSCP
 from node.scu import send_files
+from tests.node.helpers import write_stand_in
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def _write(folder: Path, sop_class: str) -> tuple[Path, str]:
-    dataset = Dataset()
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.StudyInstanceUID = generate_uid()
-    dataset.SeriesInstanceUID = generate_uid()
-    dataset.Modality = "SR"
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = sop_class
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    path = folder / f"{dataset.SOPInstanceUID}.dcm"
-    dataset.save_as(path, enforce_file_format=True)
-    return path, str(dataset.SOPInstanceUID)
-
-
 def test_folder_scp_stores_file_named_by_uid(tmp_path: Path) -> None:
-    path, sop_instance = _write(tmp_path, SR_STORAGE)
+    path, sop_instance = write_stand_in(tmp_path, SR_STORAGE)
 
     with FolderStorageSCP(tmp_path / "received", ae_title="RESULTS") as scp:
         report = send_files(
@@ -54,8 +37,8 @@ def test_folder_scp_stores_file_named_by_uid(tmp_path: Path) -> None:
 
 
 def test_folder_scp_rejected_sop_class_not_stored(tmp_path: Path) -> None:
-    seg_path, _ = _write(tmp_path, SEG_STORAGE)
-    sr_path, sr_instance = _write(tmp_path, SR_STORAGE)
+    seg_path, _ = write_stand_in(tmp_path, SEG_STORAGE)
+    sr_path, sr_instance = write_stand_in(tmp_path, SR_STORAGE)
 
     with FolderStorageSCP(tmp_path / "received", rejected_sop_classes=frozenset({SEG_STORAGE})) as scp:
         report = send_files(

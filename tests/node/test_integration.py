@@ -2,16 +2,18 @@
 
 One node runs for the whole module, with two destinations:
 
-- "orthanc": a real Orthanc (Debian package) that stores every output;
+- "orthanc": a real Orthanc (Debian package) that stores every output,
+  including the not-scored notice of a refused series;
 - "no-seg-pacs": a pynetdicom Storage SCP that rejects the Segmentation
   Storage presentation context, as an archive without SEG support does.
   Orthanc 1.10 cannot stand in for it: its Lua ReceivedInstanceFilter drops
   a refused instance but still answers 0x0000 Success, so the node could not
   see the refusal.
 
-DCMTK's storescu sends three series to the node: the real QRM phantom scan, a
-digital phantom series with coronary calcium, and the contrast-enhanced
-abdominal series (given UIDs here) that the node must refuse. The pipeline
+DCMTK's storescu sends four series to the node: the real QRM phantom scan, a
+digital phantom series with coronary calcium, and two series that the node
+must refuse: the contrast-enhanced abdominal series (given UIDs here) and a
+real CT angiogram whose header records no contrast agent. The pipeline
 uses the default model shipped in scoring/models/, so these tests skip until
 that model is there.
 """
@@ -31,11 +33,12 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
 from node.config import parse_settings
 from node.folder_scp import FolderStorageSCP
 from node.jobs import Job
+from tests.dicom_validation import ACCEPTED_WARNINGS, assert_dciodvfy_clean
 from tests.factories import make_series_dir
 from tests.orthanc import OrthancServer, find_orthanc, free_port, run_orthanc
 
@@ -172,7 +175,7 @@ name = "orthanc"
 ae_title = "{orthanc.ae_title}"
 host = "127.0.0.1"
 port = {orthanc.dicom_port}
-outputs = ["seg", "sr", "summary"]
+outputs = ["seg", "sr", "summary", "notice"]
 max_attempts = 2
 retry_backoff_s = 0.5
 
@@ -364,23 +367,43 @@ def test_abdomen_series_stored_as_jpeg2000(main_job_run: MainJobRun) -> None:
     assert dataset.pixel_array.shape == (dataset.Rows, dataset.Columns)
 
 
-def test_abdomen_series_nothing_sent(main_job_run: MainJobRun) -> None:
+def _notice_in_orthanc(main_job_run: MainJobRun, name: str) -> Any:
+    """Return the only instance Orthanc stores in the study of a refused series, checked to be its notice."""
+    study_uid, series_uid, _ = main_job_run.series[name]
+    instances = main_job_run.orthanc.instances_of_study(study_uid)
+    assert len(instances) == 1, f"{name}: expected only the not-scored notice, found {len(instances)} instance(s)"
+    notice = dcmread(BytesIO(main_job_run.orthanc.instance_file(instances[0]["ID"])))
+    assert notice.SOPClassUID == SecondaryCaptureImageStorage
+    assert notice.SeriesInstanceUID != series_uid
+    assert notice.SeriesDescription == "CAC not scored (cacs-node 1.0)"
+    return notice
+
+
+def test_abdomen_series_only_notice_sent(main_job_run: MainJobRun) -> None:
     job = main_job_run.jobs["abdomen"]
 
-    assert main_job_run.sends[job.id] == []
-    assert main_job_run.orthanc.find_instances({"StudyInstanceUID": ABDOMEN_STUDY_UID}) == []
+    # Only the destination that lists "notice" receives one; the other gets nothing.
+    assert [(row["destination"], row["kind"], row["sent"]) for row in main_job_run.sends[job.id]] == [
+        ("orthanc", "notice", 1)]
+    notice = _notice_in_orthanc(main_job_run, "abdomen")
+    assert notice.ImageComments.startswith("Calcium score not computed: ")
+    assert "contrast" in notice.ImageComments.lower()
 
 
-def test_cta_without_agent_refused(main_job_run: MainJobRun) -> None:
+def test_cta_without_agent_refused_with_notice(main_job_run: MainJobRun, tmp_path: Path) -> None:
     job = main_job_run.jobs["cta"]
-    study_uid = main_job_run.series["cta"][0]
 
     assert job.state == "refused"
     assert "a 48 mm wide region of 180–700 HU (median 488 HU) around slice 42 of 82 in position order" in job.reason
     assert "as blood enhanced by contrast agent; the header records no agent" in job.reason
     assert job.instance_count == 82
-    assert main_job_run.sends[job.id] == []
-    assert main_job_run.orthanc.find_instances({"StudyInstanceUID": study_uid}) == []
+    notice = _notice_in_orthanc(main_job_run, "cta")
+    # The comment carries the job's reason, spelled in ASCII.
+    assert notice.ImageComments == f"Calcium score not computed: {job.reason.replace('–', '-')}"
+    path = tmp_path / "notice.dcm"
+    notice.save_as(path, enforce_file_format=True)
+    # The test series has no StudyDate and StudyTime, and the notice copies the Study module verbatim.
+    assert_dciodvfy_clean(path, accepted=[*ACCEPTED_WARNINGS, "DICOMDIR - Study Date", "DICOMDIR - Study Time"])
 
 
 def test_orthanc_fixture_answers_rest_and_echo(tmp_path: Path) -> None:
@@ -400,30 +423,16 @@ def test_orthanc_fixture_answers_rest_and_echo(tmp_path: Path) -> None:
 def test_send_files_to_orthanc_stored_and_found(tmp_path: Path) -> None:
     if find_orthanc() is None:
         pytest.skip("Orthanc not found; install the Debian package orthanc (scripts/test.sh does)")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     from node.config import Destination, NodeSection
     from node.scu import send_files
+    from tests.node.helpers import write_stand_in
 
-    dataset = Dataset()
-    dataset.SOPClassUID = SECONDARY_CAPTURE_STORAGE
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.StudyInstanceUID = generate_uid()
-    dataset.SeriesInstanceUID = generate_uid()
-    dataset.PatientID = "TEST"
-    dataset.Modality = "OT"
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    path = tmp_path / "object.dcm"
-    dataset.save_as(path, enforce_file_format=True)
+    path, sop_instance_uid = write_stand_in(tmp_path, SECONDARY_CAPTURE_STORAGE, PatientID="TEST", Modality="OT")
 
     with run_orthanc(tmp_path / "orthanc") as orthanc:
         destination = Destination(name="orthanc", ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.dicom_port)
         report = send_files([path], destination, calling_ae_title=NODE_AE_TITLE, node_section=NodeSection())
-        found = orthanc.find_instances({"SOPInstanceUID": dataset.SOPInstanceUID})
+        found = orthanc.find_instances({"SOPInstanceUID": sop_instance_uid})
 
     assert report.all_sent
     assert report.instances[0].status == 0x0000

@@ -25,7 +25,7 @@ from node.pipeline import ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.server import NodeServer
 from node.storage import InstanceStore
-from scoring.errors import SliceSpacingError
+from scoring.errors import NoEligibleSeriesError, SliceSpacingError
 from tests.factories import make_ct_datasets
 from tests.node.helpers import (
     FakePipeline, make_settings, store_all, untrained_model_version, wait_for, write_untrained_model,
@@ -227,6 +227,61 @@ def test_series_error_refuses_job_with_message(settings: NodeSettings) -> None:
     job = _score_one_series(settings, FakePipeline(refuse_with=SliceSpacingError(message)), "refused")
 
     assert (job.state, job.reason) == (REFUSED, message)
+
+
+NOTICE_PACS = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104,
+                          outputs=frozenset({"seg", "sr", "notice"}))
+
+
+def test_refused_series_sends_notice(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "storage", destinations=(NOTICE_PACS, ARCHIVE))
+    message = "series 1.2.3 has slices 4.5 and 9.0 mm apart; expected a uniform 3.0 mm spacing"
+    pipeline = FakePipeline(refuse_with=SliceSpacingError(message))
+    job = _score_one_series(settings, pipeline, "notice")
+
+    # The job stays refused with its reason; only the destination listing "notice" gets the notice.
+    assert (job.state, job.reason) == (REFUSED, message)
+    assert pipeline.notices == [message]
+    assert pipeline.sent == [("pacs", ["notice"])]
+    store = JobStore(settings.storage.root / "jobs.sqlite3")
+    try:
+        outputs = store.outputs(job.id)
+        sends = store.sends(job.id)
+    finally:
+        store.close()
+    assert list(outputs) == ["notice"]
+    assert [(row["destination"], row["kind"], row["sent"]) for row in sends] == [("pacs", "notice", 1)]
+
+
+def test_notice_not_sent_is_named_in_reason(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "storage", destinations=(NOTICE_PACS,))
+    pipeline = FakePipeline(refuse_with=SliceSpacingError("series has a gap"), refused_kinds={"pacs": {"notice"}})
+    job = _score_one_series(settings, pipeline, "notice-refused")
+
+    assert job.state == REFUSED
+    assert job.reason.startswith("series has a gap. The not-scored notice was not sent: ")
+    assert "notice not accepted" in job.reason
+
+
+def test_notice_not_written_is_named_in_reason(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "storage", destinations=(NOTICE_PACS,))
+    pipeline = FakePipeline(refuse_with=SliceSpacingError("series has a gap"),
+                            notice_error=ValueError("no readable header"))
+    job = _score_one_series(settings, pipeline, "notice-unwritten")
+
+    assert (job.state, job.reason) == (
+        REFUSED, "series has a gap. The not-scored notice could not be written: ValueError: no readable header")
+    assert pipeline.sent == []
+
+
+def test_series_without_ct_images_gets_no_notice(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "storage", destinations=(NOTICE_PACS,))
+    pipeline = FakePipeline(refuse_with=NoEligibleSeriesError("the series has 2 localizer image(s)"))
+    job = _score_one_series(settings, pipeline, "notice-localizer")
+
+    assert job.state == REFUSED
+    assert pipeline.notices == []
+    assert pipeline.sent == []
 
 
 def test_destination_refusing_seg_fails_job_other_sends_continue(settings: NodeSettings) -> None:

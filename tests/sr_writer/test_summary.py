@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from scoring.errors import LabelError
-from sr_writer import AlgorithmIdentification, build_summary_image
+from sr_writer import AlgorithmIdentification, build_notice_image, build_summary_image
 from sr_writer.seg import ARTERY_COLORS
 from scoring.volume import ProtocolFlag
 from sr_writer import summary as summary_module
@@ -215,3 +215,50 @@ def test_patient_line_keeps_id():
     assert len(line) == 60
     header.PatientName = "Short^Name"
     assert _patient_line(header) == "Short, Name   ID CACS-0042   born 1950-01-02   sex M"
+
+
+CONTRAST_REASON = ("the images show a 48 mm wide region of 180–700 HU (median 488 HU) around slice 42 of 82 "
+                   "in position order, as blood enhanced by contrast agent; the header records no agent")
+
+
+def test_build_notice_image_valid_in_source_study(tmp_path):
+    case = make_case(patient_name="Ørsted^Zoë", specific_character_set="ISO_IR 100")
+    header = case.volume.headers[0]
+    image = build_notice_image(header, CONTRAST_REASON, received_instances=82, algorithm=ALGORITHM,
+                               uid_root=TEST_UID_ROOT, device_serial_number=SERIAL)
+    path = tmp_path / "notice.dcm"
+    image.save_as(path, enforce_file_format=True)
+    read_back = pydicom.dcmread(path)
+
+    assert read_back.SOPClassUID == SecondaryCaptureImageStorage
+    assert read_back.StudyInstanceUID == header.StudyInstanceUID
+    assert read_back.SeriesInstanceUID != header.SeriesInstanceUID
+    assert str(read_back.PatientName) == "Ørsted^Zoë"
+    assert read_back.SeriesNumber == 705
+    assert read_back.SeriesDescription == "CAC not scored (cacs-node 1.0)"
+    assert read_back.BurnedInAnnotation == "YES"
+    # The comment spells the en dash in ASCII, which the source's ISO_IR 100 can encode.
+    assert read_back.ImageComments == f"Calcium score not computed: {CONTRAST_REASON.replace('–', '-')}"
+    assert [item.ReferencedSOPInstanceUID for item in read_back.SourceImageSequence] == [header.SOPInstanceUID]
+    assert read_back.pixel_array.shape == (960, 1280, 3)
+    assert_dciodvfy_clean(path)
+
+
+def test_build_notice_image_long_reason_fits_page():
+    header = make_case().volume.headers[0]
+    reason = "word " * 3000
+    image = build_notice_image(header, reason, received_instances=3, algorithm=ALGORITHM,
+                               uid_root=TEST_UID_ROOT, device_serial_number=SERIAL)
+
+    # ImageComments is LT, at most 10240 characters; the page draws 16 lines at most.
+    assert len(image.ImageComments) == 10240
+    bottom_rows = image.pixel_array[-100:]
+    assert int(np.abs(bottom_rows.astype(int) - bottom_rows[0, 0].astype(int)).max()) == 0
+
+
+def test_build_notice_image_header_without_study_raises():
+    header = make_case().volume.headers[0]
+    del header.StudyInstanceUID
+    with pytest.raises(ValueError, match="lacks StudyInstanceUID, so a notice cannot join its study"):
+        build_notice_image(header, "gap", received_instances=3, algorithm=ALGORITHM,
+                           uid_root=TEST_UID_ROOT, device_serial_number=SERIAL)
