@@ -201,6 +201,19 @@ class NodeSettings:
     scoring: ScoringSection = field(default_factory=ScoringSection)
 
 
+def ae_title_problem(value: str) -> str | None:
+    """Describe why `value` (leading and trailing spaces ignored) is not a valid AE title, or return None."""
+    title = value.strip(" ")
+    if not title:
+        return "an AE title must not be empty or only spaces"
+    if len(title) > AE_TITLE_MAX_LENGTH:
+        return f"{len(title)} characters, an AE title has at most {AE_TITLE_MAX_LENGTH}; shorten it"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
+        return ("an AE title may contain only printable ASCII characters without backslash (PS3.5 VR AE); "
+                "remove the other characters")
+    return None
+
+
 def uid_root_problem(root: str) -> str:
     """Return why `root` is not a valid UID root ("" when it is), starting with the root itself."""
     if _UID_ROOT_PATTERN.match(root) and len(root) <= UID_ROOT_MAX_LENGTH:
@@ -427,20 +440,10 @@ class _Validator:
         return float(value) if kind == "float" else value
 
     def _ae_title(self, where: str, key: str, value: str) -> str:
-        title = value.strip(" ")
-        if not title:
-            self.problems.append(f"{where}{key} = {value!r}: an AE title must not be empty or only spaces")
-        elif len(title) > AE_TITLE_MAX_LENGTH:
-            self.problems.append(
-                f"{where}{key} = {value!r}: {len(title)} characters, an AE title has at most "
-                f"{AE_TITLE_MAX_LENGTH}; shorten it"
-            )
-        elif any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in title):
-            self.problems.append(
-                f"{where}{key} = {value!r}: an AE title may contain only printable ASCII characters "
-                "without backslash (PS3.5 VR AE); remove the other characters"
-            )
-        return title
+        problem = ae_title_problem(value)
+        if problem:
+            self.problems.append(f"{where}{key} = {value!r}: {problem}")
+        return value.strip(" ")
 
     def _host(self, where: str, key: str, value: str) -> str:
         try:
@@ -533,11 +536,16 @@ class _Validator:
                 self.problems.append(f"{where}{key}: missing; every peer needs ae_title and host")
             ae_title = self._value(where, table, "ae_title", "", "str")
             host = self._value(where, table, "host", "", "str")
+            # Each key present is checked even when the other is missing, so one run lists every problem.
+            peer = Peer(
+                ae_title=self._ae_title(where, "ae_title", ae_title) if "ae_title" in table else "",
+                host=self._host(where, "host", host) if "host" in table else "",
+            )
             if missing:
                 continue
-            peer = Peer(ae_title=self._ae_title(where, "ae_title", ae_title), host=self._host(where, "host", host))
             if peer in peers:
-                self.problems.append(f"{where}: duplicate of an earlier peer {peer.ae_title}@{peer.host}; remove one")
+                self.problems.append(f"{where.rstrip()}: duplicate of an earlier peer {peer.ae_title}@{peer.host}; "
+                                     "remove one")
             peers.append(peer)
         return tuple(peers)
 
@@ -606,8 +614,17 @@ class _Validator:
         if not root.strip():
             self.problems.append(f"{where}root = {root!r}: give the folder for received instances and the job database")
         root_path = self._path(root)
-        if root_path.exists() and not root_path.is_dir():
-            self.problems.append(f"{where}root = {root!r}: exists but is not a folder; choose a folder path")
+        try:
+            root_path.resolve()
+        except (OSError, RuntimeError) as error:
+            # Python 3.11 raises RuntimeError for a symbolic link loop.
+            self.problems.append(
+                f"{where}root = {root!r}: the path cannot be resolved ({error}); a symbolic link in it "
+                "points back into itself; fix the link or choose another folder"
+            )
+        else:
+            if root_path.exists() and not root_path.is_dir():
+                self.problems.append(f"{where}root = {root!r}: exists but is not a folder; choose a folder path")
         self._positive(where, "min_free_space_mb", minimum, allow_zero=True)
         return StorageSection(root=root_path, min_free_space_mb=minimum)
 

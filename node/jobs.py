@@ -601,6 +601,8 @@ class JobStore:
             if resend_only:
                 cursor.execute("DELETE FROM job_sends WHERE job_id = ? AND sent = 0", (job_id,))
             else:
+                # Scored again: the earlier score must not show on a job that may now end refused or failed.
+                cursor.execute("UPDATE jobs SET result_json = '' WHERE id = ?", (job_id,))
                 cursor.execute("DELETE FROM job_sends WHERE job_id = ?", (job_id,))
                 cursor.execute("DELETE FROM job_outputs WHERE job_id = ?", (job_id,))
             cursor.execute(

@@ -403,13 +403,19 @@ class StorageSCP:
         with self._counts_lock:
             self._counts[id(event.assoc)] = {}
         logger.info("association established with %s", caller_of(event.assoc))
-        rejected = describe_rejected_contexts(event.assoc.rejected_contexts)
-        if rejected:
+        # Senders such as storescu propose every storage SOP class; rejecting the
+        # ones the node does not store is routine and logged at DEBUG only.
+        contexts = event.assoc.rejected_contexts
+        ct_contexts = [context for context in contexts if context.abstract_syntax in STORAGE_SOP_CLASSES]
+        if len(contexts) > len(ct_contexts):
+            logger.debug("association with %s: rejected %d presentation context(s) of SOP classes the node does "
+                         "not store", caller_of(event.assoc), len(contexts) - len(ct_contexts))
+        if ct_contexts:
             # A scanner that proposes only lossy syntaxes sends nothing, and this line gives the reason.
             logger.warning(
                 "association with %s: rejected presentation context(s) %s; the node accepts the "
                 "uncompressed and lossless transfer syntaxes of docs/conformance.md",
-                caller_of(event.assoc), rejected,
+                caller_of(event.assoc), describe_rejected_contexts(ct_contexts),
             )
 
     def _handle_closed(self, event: evt.Event) -> None:

@@ -195,12 +195,19 @@ class InstanceStore:
 
     def conflict_path(self, series_uid: str, sop_instance_uid: str, digest: str) -> Path:
         """Path of a re-sent instance whose content differs from the stored one."""
-        name = f"{clean_path_part(sop_instance_uid)}.{clean_path_part(digest[:16])}.dcm"
-        return self.checked(self.conflicts / clean_path_part(series_uid) / name)
+        return self._path_with_digest(self.conflicts, series_uid, sop_instance_uid, digest)
 
-    def removed_path(self, series_uid: str, sop_instance_uid: str) -> Path:
-        """Path under which an instance set aside from its series is kept."""
-        return self.checked(self.removed / clean_path_part(series_uid) / f"{clean_path_part(sop_instance_uid)}.dcm")
+    def removed_path(self, series_uid: str, sop_instance_uid: str, digest: str) -> Path:
+        """Path under which an instance set aside from its series is kept.
+
+        The name carries the content digest, so a later copy of the same
+        instance, set aside again, does not replace the first one.
+        """
+        return self._path_with_digest(self.removed, series_uid, sop_instance_uid, digest)
+
+    def _path_with_digest(self, folder: Path, series_uid: str, sop_instance_uid: str, digest: str) -> Path:
+        name = f"{clean_path_part(sop_instance_uid)}.{clean_path_part(digest[:16])}.dcm"
+        return self.checked(folder / clean_path_part(series_uid) / name)
 
     def output_folder(self, job_id: int) -> Path:
         """Folder of the SEG, SR and summary image written for one job."""

@@ -234,14 +234,18 @@ class JobRunner:
         return f"The not-scored notice was not sent: {'; '.join(failures)}" if failures else ""
 
     def _refusal_reason(self, job: Job, error: SeriesError, instances: list[InstanceRecord]) -> str:
-        """Return the loader's reason, plus the command that sets aside the damaged stored instance it names."""
-        if isinstance(error, DamagedInstanceError) and error.path is not None:
-            damaged = Path(error.path).resolve()
-            for record in instances:
-                if self.store.absolute(record.path) == damaged:
-                    return (f"{error}. To score the series without this instance, run "
-                            f"`cacs-node retry {job.id} --remove-instance {record.sop_instance_uid}`")
-        return str(error)
+        """Return the loader's reason, plus the command that sets aside the damaged stored instances it names."""
+        if not isinstance(error, DamagedInstanceError):
+            return str(error)
+        damaged = {Path(path).resolve() for path in error.paths}
+        uids = [record.sop_instance_uid for record in instances if self.store.absolute(record.path) in damaged]
+        if not uids:
+            return str(error)
+        if len(uids) == len(instances):
+            return f"{error}. Every instance of the series is damaged: re-send the series"
+        options = " ".join(f"--remove-instance {uid}" for uid in uids)
+        return (f"{error}. To score the series without the damaged instance(s), run "
+                f"`cacs-node retry {job.id} {options}`")
 
     def _write(self, job: Job, scored: ScoredSeries, ids: str) -> bool:
         """Write the outputs and record them; return False when the job failed here."""

@@ -46,13 +46,13 @@ class MissingUIDError(SeriesError):
 class DamagedInstanceError(SeriesError):
     """A DICOM file of the input cannot be read completely, so a slice may be missing unnoticed.
 
-    path: the damaged file, so that the node can name the stored instance to
-        set aside; None when the input was a Dataset in memory.
+    paths: the damaged files, so that the node can name the stored instances
+        to set aside; empty when the input was a Dataset in memory.
     """
 
-    def __init__(self, message: str, path: Path | None = None) -> None:
+    def __init__(self, message: str, path: Path | None = None, *, paths: tuple[Path, ...] = ()) -> None:
         super().__init__(message)
-        self.path = path
+        self.paths = (path, *paths) if path is not None else paths
 
 
 class InconsistentIdentityError(SeriesError):

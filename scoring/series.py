@@ -161,17 +161,35 @@ class SeriesSummary:
         )
 
 
+#: Damaged instances whose own messages a combined DamagedInstanceError repeats; the rest are counted.
+_DAMAGED_SHOWN = 5
+
+
 class _DropLog:
     """Dropped inputs, logged one line each at DEBUG and one line per reason at INFO."""
 
     def __init__(self) -> None:
         self._examples: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
+        #: Damaged instances found so far; `raise_damaged` reports them all at once.
+        self.damaged: list[DamagedInstanceError] = []
 
     def record(self, name: str, reason: str) -> None:
         logger.debug("dropped %s: %s", name, reason)
         self._examples.setdefault(reason, name)
         self._counts[reason] += 1
+
+    def raise_damaged(self) -> None:
+        """Raise one DamagedInstanceError naming every damaged instance found, if there is one."""
+        if len(self.damaged) == 1:
+            raise self.damaged[0]
+        if self.damaged:
+            shown = "; ".join(str(error) for error in self.damaged[:_DAMAGED_SHOWN])
+            more = len(self.damaged) - _DAMAGED_SHOWN
+            raise DamagedInstanceError(
+                f"{len(self.damaged)} instances are damaged: {shown}" + (f"; and {more} more" if more > 0 else ""),
+                paths=tuple(path for error in self.damaged for path in error.paths),
+            )
 
     def flush(self) -> None:
         for reason, count in self._counts.items():
@@ -227,7 +245,7 @@ def _is_slice_file_name(path: Path) -> bool:
 
 
 def _check_short_files(short_files: Sequence[Path], instances: Sequence[_Instance], drops: _DropLog) -> None:
-    """Raise DamagedInstanceError for a short file that is likely a damaged slice; drop the others.
+    """Record a short file that is likely a damaged slice in `drops.damaged`; drop the others.
 
     A file shorter than the preamble and "DICM" is damaged when its suffix is
     in DICOM_SUFFIXES, or when it has a slice file name and sits in a folder
@@ -241,12 +259,13 @@ def _check_short_files(short_files: Sequence[Path], instances: Sequence[_Instanc
         if path.suffix.lower() in DICOM_SUFFIXES or beside_dicom:
             has_suffix = path.suffix.lower() in DICOM_SUFFIXES
             where = "has a DICOM file name suffix" if has_suffix else "sits beside DICOM files"
-            raise DamagedInstanceError(
+            drops.damaged.append(DamagedInstanceError(
                 f"file {path} {where} but has only {size} bytes; a DICOM file has at least "
                 f"{DICOM_PREFIX_END} (preamble and DICM prefix); the file is empty or truncated, so a "
                 "slice may be missing; re-send the series, or remove the file if it is not a slice",
                 path,
-            )
+            ))
+            continue
         drops.record(f"file {path}", "not a DICOM file (no DICM prefix)")
 
 
@@ -289,19 +308,32 @@ def _read_source(source: DicomSource, drops: _DropLog) -> list[_Instance]:
     instances = []
     short_files: list[Path] = []
     for index, item in enumerate(items):
-        if isinstance(item, Dataset):
-            instance = _make_instance(item, _instance_name(item, f"dataset #{index}"))
-            instance.caller_owned = True
-            instances.append(instance)
-        elif isinstance(item, (str, os.PathLike)):
-            path = Path(item)
-            for file_path in _source_paths(path):
-                instance = _read_file(file_path, drops, short_files)
-                if instance is not None:
-                    instances.append(instance)
-        else:
-            raise TypeError(f"source item #{index} is a {type(item).__name__}; expected a file path or a Dataset")
+        try:
+            if isinstance(item, Dataset):
+                instance = _make_instance(item, _instance_name(item, f"dataset #{index}"))
+                instance.caller_owned = True
+                instances.append(instance)
+            elif isinstance(item, (str, os.PathLike)):
+                instances.extend(_read_files(_source_paths(Path(item)), drops, short_files))
+            else:
+                raise TypeError(f"source item #{index} is a {type(item).__name__}; expected a file path or a Dataset")
+        except DamagedInstanceError as error:
+            drops.damaged.append(error)
     _check_short_files(short_files, instances, drops)
+    return instances
+
+
+def _read_files(paths: Sequence[Path], drops: _DropLog, short_files: list[Path]) -> list[_Instance]:
+    """Read the headers of DICOM files, recording damaged ones in `drops.damaged` and going on."""
+    instances = []
+    for path in paths:
+        try:
+            instance = _read_file(path, drops, short_files)
+        except DamagedInstanceError as error:
+            drops.damaged.append(error)
+            continue
+        if instance is not None:
+            instances.append(instance)
     return instances
 
 
@@ -362,7 +394,11 @@ def _group_eligible(instances: Sequence[_Instance], drops: _DropLog) -> dict[str
     groups: dict[str, list[_Instance]] = {}
     seen_uids: set[str] = set()
     for instance in instances:
-        reason = _ineligibility_reason(instance)
+        try:
+            reason = _ineligibility_reason(instance)
+        except DamagedInstanceError as error:
+            drops.damaged.append(error)
+            continue
         if reason is not None:
             drops.record(instance.name, reason)
             continue
@@ -373,6 +409,7 @@ def _group_eligible(instances: Sequence[_Instance], drops: _DropLog) -> dict[str
         seen_uids.add(sop_uid)
         series_uid = str(instance.dataset.get("SeriesInstanceUID", "") or "") or NO_SERIES_UID
         groups.setdefault(series_uid, []).append(instance)
+    drops.raise_damaged()
     return groups
 
 

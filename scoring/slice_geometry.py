@@ -88,6 +88,11 @@ def _floats(value: object, count: int, attribute: str, name: str) -> np.ndarray:
         raise InconsistentGeometryError(
             f"{name}: {attribute} has {numbers.size} values {list(numbers)}; expected {count}"
         )
+    if not np.isfinite(numbers).all():
+        raise InconsistentGeometryError(
+            f"{name}: {attribute} is {[float(number) for number in numbers]}; expected finite numbers; "
+            "the header of this instance is invalid; remove it or re-send the series"
+        )
     return numbers
 
 

@@ -8,6 +8,9 @@ import sys
 
 HELP = "send a C-ECHO (DICOM verification) to AE@HOST:PORT and report the result"
 
+#: Longest --timeout accepted: one hour. A verification that takes longer has failed.
+MAX_TIMEOUT_S = 3600.0
+
 _PEER_PATTERN = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\[\]]+):(?P<port>[0-9]{1,5})$")
 
 
@@ -56,7 +59,7 @@ def parse_peer(text: str) -> tuple[str, str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.config import ConfigError, NodeSection, load_settings
+    from node.config import ConfigError, NodeSection, ae_title_problem, load_settings
     from node.scu import echo
 
     try:
@@ -72,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as error:
             print(f"cacs-node echo: {error}", file=sys.stderr)
             return 2
-    if args.timeout is not None and args.timeout <= 0:
-        print(f"cacs-node echo: invalid --timeout {args.timeout}: expected seconds > 0", file=sys.stderr)
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
+        print(f"cacs-node echo: invalid --timeout {args.timeout}: expected seconds > 0 and at most "
+              f"{MAX_TIMEOUT_S:g}", file=sys.stderr)
         return 2
 
     calling_ae_title = args.calling_ae_title or section.ae_title
+    for option, title in (("called AE title", ae_title), ("--calling-ae-title", calling_ae_title)):
+        problem = ae_title_problem(title)
+        if problem:
+            print(f"cacs-node echo: invalid {option} {title!r}: {problem}", file=sys.stderr)
+            return 2
     result = echo(
         ae_title,
         host,

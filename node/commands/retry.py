@@ -181,12 +181,15 @@ def _set_aside(store: InstanceStore, jobs: JobStore, job_id: int, series_uid: st
             "re-send the series instead"
         )
 
+    missing: list[str] = []
+
     def move(record: InstanceRecord) -> None:
         source = store.absolute(record.path)
         if not source.exists():
             logger.warning("instance %s: its file %s is already gone; unregistering it", record.sop_instance_uid, source)
+            missing.append(record.sop_instance_uid)
             return
-        target = store.removed_path(series_uid, record.sop_instance_uid)
+        target = store.removed_path(series_uid, record.sop_instance_uid, record.digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
 
@@ -199,7 +202,11 @@ def _set_aside(store: InstanceStore, jobs: JobStore, job_id: int, series_uid: st
                 "series; check that the node's user may write under the storage root"
             ) from error
         logger.info("job %d series %s: instance %s set aside under %s", job_id, series_uid, uid, store.removed)
-    return f"set aside {len(uids)} instance(s) under {store.removed}"
+    moved = [uid for uid in uids if uid not in missing]
+    described = [f"set aside instance(s) {', '.join(moved)} under {store.removed}"] if moved else []
+    if missing:
+        described.append(f"unregistered instance(s) {', '.join(missing)}, whose file was already gone")
+    return " and ".join(described)
 
 
 def run(args: argparse.Namespace) -> int:

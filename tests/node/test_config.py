@@ -282,3 +282,29 @@ def test_storage_root_problem(tmp_path: Path) -> None:
         "[storage] root /proc/cacs-node-root: this user cannot create /proc/cacs-node-root in /proc ("
     )
     assert list(tmp_path.glob(".cacs-node-check-*")) == []
+
+
+def test_storage_root_through_symlink_loop_rejected(tmp_path: Path) -> None:
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+
+    with pytest.raises(ConfigError) as raised:
+        parse_settings('[storage]\nroot = "loop-a/data"\n', base_dir=tmp_path)
+
+    assert len(raised.value.problems) == 1
+    assert raised.value.problems[0].startswith("[storage] root = 'loop-a/data': the path cannot be resolved (")
+    assert raised.value.problems[0].endswith("a symbolic link in it points back into itself; fix the link or "
+                                             "choose another folder")
+    # The scoring section is valid, so check-config can still test the model.
+    assert set(raised.value.valid_sections) == {"scoring"}
+
+
+def test_peer_problems_all_listed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_settings('[[peers]]\nae_title = "A\\\\B"\n', base_dir=tmp_path)
+
+    assert raised.value.problems == [
+        "[[peers]] #1 host: missing; every peer needs ae_title and host",
+        "[[peers]] #1 ae_title = 'A\\\\B': an AE title may contain only printable ASCII characters without "
+        "backslash (PS3.5 VR AE); remove the other characters",
+    ]

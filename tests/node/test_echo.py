@@ -78,3 +78,22 @@ def test_echo_command_malformed_peer_exits_two(capsys) -> None:
 
     assert code == 2
     assert "invalid peer 'not-a-peer'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["A\\B@127.0.0.1:104"], "invalid called AE title 'A\\\\B': an AE title may contain only printable ASCII"),
+        (["CÄCS@127.0.0.1:104"], "invalid called AE title 'CÄCS': an AE title may contain only printable ASCII"),
+        (["PACS@127.0.0.1:104", "--calling-ae-title", "A" * 17],
+         f"invalid --calling-ae-title '{'A' * 17}': 17 characters, an AE title has at most 16"),
+        (["PACS@127.0.0.1:104", "--timeout", "inf"], "invalid --timeout inf: expected seconds > 0 and at most 3600"),
+        (["PACS@127.0.0.1:104", "--timeout", "nan"], "invalid --timeout nan: expected seconds > 0 and at most 3600"),
+    ],
+    ids=["backslash", "non-ascii", "long-calling", "infinite-timeout", "nan-timeout"],
+)
+def test_echo_command_invalid_option_exits_two(arguments: list[str], message: str, capsys) -> None:
+    code = main(["echo", *arguments])
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"cacs-node echo: {message}")

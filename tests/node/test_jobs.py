@@ -53,12 +53,15 @@ def node(settings: NodeSettings, pipeline: FakePipeline) -> Iterator[NodeServer]
     server.stop()
 
 
-def _score_one_series(settings: NodeSettings, pipeline: FakePipeline, uid_seed: str) -> Job:
-    """Start a node, send it one series, wait until its job ends, stop the node; return the job."""
+def _score_one_series(settings: NodeSettings, pipeline: FakePipeline, series: str | list[pydicom.Dataset]) -> Job:
+    """Start a node, send it one series, wait until its job ends, stop the node; return the job.
+
+    series: the datasets to send, or the UID seed of a new `make_ct_datasets` series.
+    """
     server = NodeServer(settings, pipeline=pipeline)
     server.start()
     try:
-        datasets = make_ct_datasets(uid_seed=uid_seed)
+        datasets = make_ct_datasets(uid_seed=series) if isinstance(series, str) else series
         store_all(server.port, datasets)
         assert server.wait_idle(20)
         return _jobs(server).jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
@@ -338,6 +341,23 @@ def test_retry_done_job_needs_force_then_rescores(node: NodeServer, settings: No
     assert _jobs(node).outputs(job.id)["sr"][1] != first_sr_uid
 
 
+def test_rescored_job_refused_drops_earlier_score(node: NodeServer, settings: NodeSettings,
+                                                  pipeline: FakePipeline) -> None:
+    datasets = make_ct_datasets(uid_seed="drop-score")
+    store_all(node.port, datasets)
+    assert node.wait_idle(20)
+    store = _jobs(node)
+    job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
+    assert store.job(job.id).to_json()["agatston_total"] == 50.0
+
+    pipeline.refuse_with = SliceSpacingError("series has a gap")
+    retry_job(settings, job.id, force=True)
+    wait_for(lambda: store.job(job.id).state == REFUSED, 20, "forced job not refused")
+
+    refused = store.job(job.id).to_json()
+    assert (refused["agatston_total"], refused["risk_category"]) == (None, None)
+
+
 def test_same_instances_same_model_not_scored_twice(node: NodeServer, pipeline: FakePipeline) -> None:
     datasets = make_ct_datasets(uid_seed="once")
     store_all(node.port, datasets)
@@ -418,7 +438,7 @@ def test_damaged_instance_set_aside_by_retry(
         job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
         assert job.state == REFUSED
         assert "is a CT image without PixelData (7FE0,0010)" in job.reason
-        assert job.reason.endswith(f"To score the series without this instance, run "
+        assert job.reason.endswith(f"To score the series without the damaged instance(s), run "
                                    f"`cacs-node retry {job.id} --remove-instance {damaged_uid}`")
         stored = store.find_instance(damaged_uid)
         assert stored is not None
@@ -440,12 +460,29 @@ def test_damaged_instance_set_aside_by_retry(
         server.stop()
 
     assert capsys.readouterr().out == (f"job {job.id} queued: the running node scores the series again "
-                                       f"(set aside 1 instance(s) under {server.store.removed})\n")
+                                       f"(set aside instance(s) {damaged_uid} under {server.store.removed})\n")
     # The four remaining slices were scored; the set-aside file is kept byte for byte.
     assert [len(paths) for paths in pipeline.scored] == [5, 4]
-    set_aside_file = server.store.removed_path(job.series_instance_uid, damaged_uid)
+    set_aside_file = server.store.removed_path(job.series_instance_uid, damaged_uid, stored.digest)
     assert set_aside_file.read_bytes() == stored_bytes
     assert not server.store.absolute(stored.path).exists()
+
+
+@pytest.mark.parametrize("damaged_indices", [(0, 4), (0, 1, 2, 3, 4)], ids=["two", "all"])
+def test_damaged_instances_named_in_one_reason(settings: NodeSettings, damaged_indices: tuple[int, ...]) -> None:
+    datasets = make_ct_datasets(uid_seed=f"damaged-{len(damaged_indices)}")
+    for index in damaged_indices:
+        del datasets[index].PixelData
+    job = _score_one_series(settings, FakePipeline(load_series=True), datasets)
+
+    assert job.state == REFUSED
+    assert job.reason.startswith(f"{len(damaged_indices)} instances are damaged: ")
+    if len(damaged_indices) == len(datasets):
+        assert job.reason.endswith("Every instance of the series is damaged: re-send the series")
+    else:
+        options = " ".join(f"--remove-instance {datasets[index].SOPInstanceUID}" for index in sorted(
+            damaged_indices, key=lambda index: str(datasets[index].SOPInstanceUID)))
+        assert job.reason.endswith(f"run `cacs-node retry {job.id} {options}`")
 
 
 @pytest.mark.parametrize("option", ["--keep-stored", "--take-new"])

@@ -48,6 +48,16 @@ def test_instance_path_symlink_out_of_root_rejected(tmp_path: Path) -> None:
         store.instance_path("1.2", "1.2.3", "1.2.3.4")
 
 
+def test_removed_path_differs_per_content(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "root", 1)
+    first = store.removed_path("1.2.3", "1.2.3.4", "a" * 64)
+    second = store.removed_path("1.2.3", "1.2.3.4", "b" * 64)
+
+    # Two copies of one instance set aside one after the other are both kept.
+    assert first == store.root / "removed" / "1.2.3" / f"1.2.3.4.{'a' * 16}.dcm"
+    assert second == store.root / "removed" / "1.2.3" / f"1.2.3.4.{'b' * 16}.dcm"
+
+
 def test_write_atomically_leaves_only_final_file(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path, 0)
     store.create_layout()

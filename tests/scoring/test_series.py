@@ -236,7 +236,23 @@ def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, erro
         load_series(tmp_path)
     # The node looks the file up among its stored instances to offer setting it aside.
     if error is DamagedInstanceError:
-        assert raised.value.path == damaged
+        assert raised.value.paths == (damaged,)
+
+
+def test_load_series_names_every_damaged_file(tmp_path: Path) -> None:
+    make_series_dir(tmp_path, blank_hu(slices=4), uid_seed="two-damaged")
+    files = sorted(tmp_path.iterdir())
+    files[0].write_bytes(b"")
+    files[2].write_bytes(files[2].read_bytes()[:132])
+
+    # One refusal names both files, so the operator does not fix them one by one.
+    with pytest.raises(DamagedInstanceError) as raised:
+        load_series(tmp_path)
+    message = str(raised.value)
+    assert message.startswith("2 instances are damaged: file ")
+    assert f"file {files[0]} has a DICOM file name suffix but has only 0 bytes" in message
+    assert f"file {files[2]} has a DICOM prefix but no data elements" in message
+    assert sorted(raised.value.paths) == [files[0], files[2]]
 
 
 @pytest.mark.parametrize("kept_bytes", [0, 100], ids=["empty", "100-bytes"])
@@ -262,7 +278,7 @@ def test_load_series_short_uid_file_raises(tmp_path: Path) -> None:
     message = rf"{renamed.name} sits beside DICOM files but has only 0 bytes"
     with pytest.raises(DamagedInstanceError, match=message) as raised:
         load_series(tmp_path)
-    assert raised.value.path == renamed
+    assert raised.value.paths == (renamed,)
 
 
 def test_load_series_short_non_dicom_files_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -383,6 +399,16 @@ def test_load_series_mismatched_pixel_spacing_raises() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=3))
     datasets[2].PixelSpacing = [0.6, 0.5]
     with pytest.raises(InconsistentGeometryError, match=r"PixelSpacing \[0.6, 0.5\] mm, slice at \[0, 0, 0\] has \[0.5, 0.5\]"):
+        load_series(datasets)
+
+
+def test_load_series_nan_position_raises() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=3))
+    datasets[1].ImagePositionPatient = ["nan", "nan", "nan"]
+    # Named as a header fault of one instance, before any contrast or spacing check sees the NaN.
+    with pytest.raises(InconsistentGeometryError,
+                       match=rf"instance {datasets[1].SOPInstanceUID}: ImagePositionPatient is \[nan, nan, nan\]; "
+                             "expected finite numbers"):
         load_series(datasets)
 
 
