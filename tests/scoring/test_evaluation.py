@@ -311,7 +311,7 @@ def test_evaluate_command_warns_on_training_series(capsys):
                    "--threads", "1", "--runtime", "torch"])
 
     assert status == 0
-    # The shipped model was trained on phantom seeds 0-39.
+    # The shipped model was trained on phantom seeds 0-99.
     assert ("cacs-node evaluate: model default: warning: 1 of the 2 series were training series of this "
             "model (phantom-5), so its results on them overstate it") in capsys.readouterr().err
 
