@@ -184,10 +184,10 @@ class _DropLog:
         if len(self.damaged) == 1:
             raise self.damaged[0]
         if self.damaged:
-            shown = "; ".join(str(error) for error in self.damaged[:_DAMAGED_SHOWN])
+            listed = "; ".join(str(error) for error in self.damaged[:_DAMAGED_SHOWN])
             more = len(self.damaged) - _DAMAGED_SHOWN
             raise DamagedInstanceError(
-                f"{len(self.damaged)} instances are damaged: {shown}" + (f"; and {more} more" if more > 0 else ""),
+                f"{len(self.damaged)} instances are damaged: {listed}" + (f"; and {more} more" if more > 0 else ""),
                 paths=tuple(path for error in self.damaged for path in error.paths),
             )
 

@@ -405,7 +405,7 @@ def test_load_series_mismatched_pixel_spacing_raises() -> None:
 def test_load_series_nan_position_raises() -> None:
     datasets = make_ct_datasets(_tissue_hu(slices=3))
     datasets[1].ImagePositionPatient = ["nan", "nan", "nan"]
-    # Named as a header fault of one instance, before any contrast or spacing check sees the NaN.
+    # Named as a header fault of one instance, before the NaN reaches any contrast or spacing check.
     with pytest.raises(InconsistentGeometryError,
                        match=rf"instance {datasets[1].SOPInstanceUID}: ImagePositionPatient is \[nan, nan, nan\]; "
                              "expected finite numbers"):
