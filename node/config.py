@@ -619,8 +619,8 @@ class _Validator:
         except (OSError, RuntimeError) as error:
             # Python 3.11 raises RuntimeError for a symbolic link loop.
             self.problems.append(
-                f"{where}root = {root!r}: the path cannot be resolved ({error}); a symbolic link in it "
-                "points back into itself; fix the link or choose another folder"
+                f"{where}root = {root!r}: the path cannot be resolved ({error}), for example because a "
+                "symbolic link in it points back into itself; fix the path or choose another folder"
             )
         else:
             if root_path.exists() and not root_path.is_dir():

@@ -293,8 +293,8 @@ def test_storage_root_through_symlink_loop_rejected(tmp_path: Path) -> None:
 
     assert len(raised.value.problems) == 1
     assert raised.value.problems[0].startswith("[storage] root = 'loop-a/data': the path cannot be resolved (")
-    assert raised.value.problems[0].endswith("a symbolic link in it points back into itself; fix the link or "
-                                             "choose another folder")
+    assert raised.value.problems[0].endswith("for example because a symbolic link in it points back into itself; "
+                                             "fix the path or choose another folder")
     # The scoring section is valid, so check-config can still test the model.
     assert set(raised.value.valid_sections) == {"scoring"}
 
