@@ -8,6 +8,7 @@ that is unknown is an error (it is usually a typo of a real key).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -199,6 +200,8 @@ class NodeSettings:
     destinations: tuple[Destination, ...] = ()
     storage: StorageSection = field(default_factory=StorageSection)
     scoring: ScoringSection = field(default_factory=ScoringSection)
+    #: The settings file these came from (absolute), None when not read from a file.
+    path: Path | None = None
 
 
 def ae_title_problem(value: str) -> str | None:
@@ -350,7 +353,8 @@ def load_settings(path: str | Path) -> NodeSettings:
         ) from error
     except UnicodeDecodeError as error:
         raise ConfigError(str(path), [f"the file is not UTF-8 text ({error}); save it as UTF-8"]) from error
-    return parse_settings(text, base_dir=path.resolve().parent, source=str(path))
+    settings = parse_settings(text, base_dir=path.resolve().parent, source=str(path))
+    return dataclasses.replace(settings, path=path.resolve())
 
 
 def parse_settings(text: str, *, base_dir: Path, source: str = "node.toml") -> NodeSettings:

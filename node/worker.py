@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shlex
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -243,9 +244,10 @@ class JobRunner:
             return str(error)
         if len(uids) == len(instances):
             return f"{error}. Every instance of the series is damaged: re-send the series"
+        config = f" --config {shlex.quote(str(self.settings.path))}" if self.settings.path else ""
         options = " ".join(f"--remove-instance {uid}" for uid in uids)
         return (f"{error}. To score the series without the damaged instance(s), run "
-                f"`cacs-node retry {job.id} {options}`")
+                f"`cacs-node retry{config} {job.id} {options}`")
 
     def _write(self, job: Job, scored: ScoredSeries, ids: str) -> bool:
         """Write the outputs and record them; return False when the job failed here."""

@@ -23,6 +23,7 @@ Rules (constants below):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ from scoring.errors import InconsistentGeometryError, PixelDataError, SliceSpaci
 #: component perpendicular to the normal is gantry tilt. DS values carry at
 #: most 16 characters, so positions jitter by about 1e-5 mm at most.
 POSITION_TOLERANCE_MM = 0.01
+
+#: Maximum number of slices that a geometry message names one by one.
+MAX_NAMED_SLICES = 5
 
 #: A step that deviates from the median step by more than this fraction (or
 #: by POSITION_TOLERANCE_MM, whichever is larger) is a gap or irregular spacing.
@@ -271,14 +275,9 @@ def slice_normal(orientation: np.ndarray) -> np.ndarray:
 
 def check_consistent(records: Sequence[SliceRecord], series: str) -> None:
     """Raise InconsistentGeometryError unless rows, columns, orientation and spacing agree on every slice."""
+    _check_matrix_sizes(records, series)
     first = records[0]
     for record in records[1:]:
-        if (record.rows, record.columns) != (first.rows, first.columns):
-            raise InconsistentGeometryError(
-                f"series {series}: slice at {_position_text(record)} has {record.rows} x {record.columns} pixels, "
-                f"slice at {_position_text(first)} has {first.rows} x {first.columns}; "
-                "every slice of a series must have the same Rows and Columns; re-send one reconstruction"
-            )
         if np.max(np.abs(record.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
             raise InconsistentGeometryError(
                 f"series {series}: slice at {_position_text(record)} has ImageOrientationPatient "
@@ -291,6 +290,24 @@ def check_consistent(records: Sequence[SliceRecord], series: str) -> None:
                 f"{_numbers_text(record.pixel_spacing)} mm, slice at {_position_text(first)} has "
                 f"{_numbers_text(first.pixel_spacing)} mm; every slice must share one pixel spacing"
             )
+
+
+def _check_matrix_sizes(records: Sequence[SliceRecord], series: str) -> None:
+    """Raise InconsistentGeometryError naming the slices outside the most common Rows x Columns."""
+    sizes = Counter((record.rows, record.columns) for record in records)
+    if len(sizes) == 1:
+        return
+    (rows, columns), count = sizes.most_common(1)[0]
+    others = [record for record in records if (record.rows, record.columns) != (rows, columns)]
+    named = "; ".join(
+        f"{record.name} at {_position_text(record)}: {record.rows} x {record.columns}"
+        for record in others[:MAX_NAMED_SLICES]
+    )
+    more = f"; and {len(others) - MAX_NAMED_SLICES} more" if len(others) > MAX_NAMED_SLICES else ""
+    raise InconsistentGeometryError(
+        f"series {series}: {count} slice(s) have {rows} x {columns} pixels, {len(others)} differ ({named}{more}); "
+        "every slice of a series must have the same Rows and Columns; re-send one reconstruction"
+    )
 
 
 def sort_and_measure(records: Sequence[SliceRecord], series: str) -> tuple[list[SliceRecord], float]:

@@ -21,6 +21,9 @@ def test_load_settings_shipped_file_matches_defaults() -> None:
     assert [(peer.ae_title, peer.host) for peer in settings.peers] == [("SCANNER", "127.0.0.1")]
     assert settings.destinations[0].outputs == frozenset({"seg", "sr", "summary"})
     assert settings.destinations[0].retry_backoff_s == 10.0
+    # The file is remembered, so messages can name it; built settings have none.
+    assert settings.path == (REPOSITORY_ROOT / "node.toml").resolve()
+    assert defaults.path is None
 
 
 def test_parse_settings_many_problems_lists_all(tmp_path: Path) -> None:

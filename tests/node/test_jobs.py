@@ -8,7 +8,9 @@ well under a second per series.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,14 +129,20 @@ def test_open_job_for_series_unstarted_job_absorbs_instances(tmp_path: Path) -> 
 # The node end to end with the stand-in pipeline.
 
 
-def test_series_split_over_three_associations_scored_once(node: NodeServer, pipeline: FakePipeline) -> None:
-    datasets = make_ct_datasets(uid_seed="split")
-    for part in (datasets[:2], datasets[2:4], datasets[4:]):
-        assert store_all(node.port, part) == [0x0000] * len(part)
+def test_series_split_over_three_associations_scored_once(tmp_path: Path, pipeline: FakePipeline) -> None:
+    # A quiet period of 3 s, so that pauses between associations on a loaded test machine stay shorter.
+    settings = make_settings(tmp_path / "storage", destinations=(PACS, ARCHIVE), quiet_period_s=3.0)
+    node = NodeServer(settings, pipeline=pipeline)
+    node.start()
+    try:
+        datasets = make_ct_datasets(uid_seed="split")
+        for part in (datasets[:2], datasets[2:4], datasets[4:]):
+            assert store_all(node.port, part) == [0x0000] * len(part)
+        assert node.wait_idle(20)
+        jobs = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))
+    finally:
+        node.stop()
 
-    assert node.wait_idle(20)
-
-    jobs = _jobs(node).jobs_of_series(str(datasets[0].SeriesInstanceUID))
     assert [(job.state, job.instance_count) for job in jobs] == [(DONE, 5)]
     assert len(pipeline.scored) == 1
     assert len(pipeline.scored[0]) == 5
@@ -424,8 +432,11 @@ def test_retry_conflict_take_new_replaces_instance(node: NodeServer, settings: N
 def test_damaged_instance_set_aside_by_retry(
     settings: NodeSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # The node was started from a settings file, so the advice names it.
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nroot = "{settings.storage.root}"\n', encoding="utf-8")
     pipeline = FakePipeline(load_series=True)
-    server = NodeServer(settings, pipeline=pipeline)
+    server = NodeServer(dataclasses.replace(settings, path=config), pipeline=pipeline)
     server.start()
     try:
         datasets = make_ct_datasets(uid_seed="damaged")
@@ -438,8 +449,8 @@ def test_damaged_instance_set_aside_by_retry(
         job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
         assert job.state == REFUSED
         assert "is a CT image without PixelData (7FE0,0010)" in job.reason
-        assert job.reason.endswith(f"To score the series without the damaged instance(s), run "
-                                   f"`cacs-node retry {job.id} --remove-instance {damaged_uid}`")
+        advice = f"cacs-node retry --config {config} {job.id} --remove-instance {damaged_uid}"
+        assert job.reason.endswith(f"To score the series without the damaged instance(s), run `{advice}`")
         stored = store.find_instance(damaged_uid)
         assert stored is not None
         stored_bytes = server.store.absolute(stored.path).read_bytes()
@@ -451,9 +462,8 @@ def test_damaged_instance_set_aside_by_retry(
             retry_job(settings, job.id, remove=all_uids)
         assert len(store.series_instances(job.series_instance_uid)) == 5
 
-        config = tmp_path / "node.toml"
-        config.write_text(f'[storage]\nroot = "{server.store.root}"\n', encoding="utf-8")
-        assert main(["retry", str(job.id), "--remove-instance", damaged_uid, "--config", str(config)]) == 0
+        # The advice runs as given.
+        assert main(shlex.split(advice)[1:]) == 0
         wait_for(lambda: store.job(job.id).state == DONE, 20, "job not scored after the instance was set aside")
         assert store.find_instance(damaged_uid) is None
     finally:

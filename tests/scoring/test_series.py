@@ -391,8 +391,28 @@ def test_load_series_mismatched_rows_raises() -> None:
         series_instance_uid=datasets[0].SeriesInstanceUID,
         frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
     )
-    with pytest.raises(InconsistentGeometryError, match=r"slice at \[0, 0, 9\] has 16 x 32 pixels"):
+    with pytest.raises(InconsistentGeometryError,
+                       match=rf"3 slice\(s\) have 32 x 32 pixels, 1 differ \(instance {other[0].SOPInstanceUID} "
+                             r"at \[0, 0, 9\]: 16 x 32\); every slice"):
         load_series(datasets + other)
+
+
+def test_load_series_many_mismatched_sizes_raises() -> None:
+    datasets = make_ct_datasets(_tissue_hu(slices=7))
+    others = build_ct_datasets(
+        _tissue_hu(slices=6, rows=16),
+        origin=(0.0, 0.0, 21.0),
+        study_instance_uid=datasets[0].StudyInstanceUID,
+        series_instance_uid=datasets[0].SeriesInstanceUID,
+        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
+    )
+    with pytest.raises(InconsistentGeometryError) as raised:
+        load_series(datasets + others)
+
+    message = str(raised.value)
+    assert "7 slice(s) have 32 x 32 pixels, 6 differ (" in message
+    assert [str(dataset.SOPInstanceUID) in message for dataset in others].count(True) == 5
+    assert "; and 1 more); every slice of a series must have the same Rows and Columns" in message
 
 
 def test_load_series_mismatched_pixel_spacing_raises() -> None:
