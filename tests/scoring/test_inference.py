@@ -230,21 +230,13 @@ def test_score_command_missing_model_exits_with_model_error(
 
 
 #: Held-out phantom seed of the shipped-model check: outside the training seeds
-#: 0-99 and the validation seeds 1000-1011 listed in scoring/models/MODEL_CARD.md.
+#: 0-199 and the validation seeds 1000-1011 listed in scoring/models/MODEL_CARD.md.
+#: Its true score is 23.4 (risk II), from two small lesions near non-coronary
+#: calcium of the aortic wall and mitral annulus.
 HELD_OUT_SEED = 2000
 
 
-# TODO(#3): the shipped model is undertrained (about 3,400 steps on a CPU). The
-# true score of this seed is 23.4 (risk II), from two small lesions. The model
-# gives 1.1: the right risk category, but 22.3 points off, outside the tolerance.
-# strict=True turns a retrained model that passes into a failure, so that this
-# mark is removed then.
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="shipped model trained briefly on synthetic data finds little of the small lesions: "
-    "Agatston 1.1 against 23.4 (both risk II) on phantom seed 2000",
-)
 def test_shipped_model_held_out_phantom_matches_truth():
     from scoring import phantom
     from scoring.agatston import score_volume
