@@ -235,6 +235,10 @@ def test_score_command_missing_model_exits_with_model_error(
 #: calcium of the aortic wall and mitral annulus.
 HELD_OUT_SEED = 2000
 
+# NOTE: the shipped model passes on this seed partly through offsetting errors.
+# It misses the left main lesion and adds a false cluster on the top slice. The
+# model card gives the numbers.
+
 
 @pytest.mark.slow
 def test_shipped_model_held_out_phantom_matches_truth():

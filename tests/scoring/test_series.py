@@ -382,15 +382,21 @@ def test_load_series_single_slice_raises() -> None:
         load_series(make_ct_datasets(_tissue_hu(slices=1)))
 
 
-def test_load_series_mismatched_rows_raises() -> None:
-    datasets = make_ct_datasets(_tissue_hu(slices=3))
-    other = build_ct_datasets(
-        _tissue_hu(slices=1, rows=16),
-        origin=(0.0, 0.0, 9.0),
+def _with_smaller_slices(count: int, smaller: int) -> tuple[list[Dataset], list[Dataset]]:
+    """Return `count` slices of 32 x 32 pixels and, above them in the same series, `smaller` of 16 x 32."""
+    datasets = make_ct_datasets(_tissue_hu(slices=count))
+    others = build_ct_datasets(
+        _tissue_hu(slices=smaller, rows=16),
+        origin=(0.0, 0.0, 3.0 * count),
         study_instance_uid=datasets[0].StudyInstanceUID,
         series_instance_uid=datasets[0].SeriesInstanceUID,
         frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
     )
+    return datasets, others
+
+
+def test_load_series_mismatched_rows_raises() -> None:
+    datasets, other = _with_smaller_slices(3, 1)
     with pytest.raises(InconsistentGeometryError,
                        match=rf"3 slice\(s\) have 32 x 32 pixels, 1 differ \(instance {other[0].SOPInstanceUID} "
                              r"at \[0, 0, 9\]: 16 x 32\); every slice"):
@@ -398,14 +404,7 @@ def test_load_series_mismatched_rows_raises() -> None:
 
 
 def test_load_series_many_mismatched_sizes_raises() -> None:
-    datasets = make_ct_datasets(_tissue_hu(slices=7))
-    others = build_ct_datasets(
-        _tissue_hu(slices=6, rows=16),
-        origin=(0.0, 0.0, 21.0),
-        study_instance_uid=datasets[0].StudyInstanceUID,
-        series_instance_uid=datasets[0].SeriesInstanceUID,
-        frame_of_reference_uid=datasets[0].FrameOfReferenceUID,
-    )
+    datasets, others = _with_smaller_slices(7, 6)
     with pytest.raises(InconsistentGeometryError) as raised:
         load_series(datasets + others)
 
