@@ -349,7 +349,8 @@ def load_settings(path: str | Path) -> NodeSettings:
     except OSError as error:
         raise ConfigError(
             str(path),
-            [f"cannot read the settings file ({error.strerror}); check the path given with --config"],
+            [f"cannot read the settings file ({error.strerror}); check the path given with --config, "
+             f"else in ${CONFIG_ENVIRONMENT_VARIABLE}, else ./node.toml"],
         ) from error
     except UnicodeDecodeError as error:
         raise ConfigError(str(path), [f"the file is not UTF-8 text ({error}); save it as UTF-8"]) from error

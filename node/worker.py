@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import shlex
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,15 @@ from scoring.errors import DamagedInstanceError, NoEligibleSeriesError, SeriesEr
 
 logger = logging.getLogger(__name__)
 
+
+
+def cli_command() -> str:
+    """Return the path of the cacs-node command installed beside this Python, else the bare name.
+
+    Job reasons give commands to paste; under systemd the virtual environment is not on PATH.
+    """
+    installed = Path(sys.executable).parent / "cacs-node"
+    return str(installed) if installed.is_file() else "cacs-node"
 
 class JobRunner:
     """Runs submitted jobs on one worker thread.
@@ -247,7 +257,9 @@ class JobRunner:
         config = f" --config {shlex.quote(str(self.settings.path))}" if self.settings.path else ""
         options = " ".join(f"--remove-instance {uid}" for uid in uids)
         return (f"{error}. To score the series without the damaged instance(s), run "
-                f"`cacs-node retry{config} {job.id} {options}`")
+                f"`{shlex.quote(cli_command())} retry{config} {job.id} {options}`. "
+                "This helps only for instances at either end of the series: "
+                "without a middle slice the series has a gap")
 
     def _write(self, job: Job, scored: ScoredSeries, ids: str) -> bool:
         """Write the outputs and record them; return False when the job failed here."""

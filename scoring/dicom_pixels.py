@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from scoring.errors import PixelDataError
+from scoring.errors import PixelDataError, UndecodablePixelDataError
 from scoring.volume import PADDING_HU
 
 logger = logging.getLogger(__name__)
@@ -161,12 +161,11 @@ def decode_stored_values(dataset: Dataset, name: str) -> np.ndarray:
     try:
         pixels = dataset.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError) as error:
-        advice = "check that the file is complete"
-        if transfer_syntax not in NATIVE_TRANSFER_SYNTAXES:
-            advice += " and that pylibjpeg and its plugins are installed"
+        message = f"{name}: decoding pixel data with transfer syntax {UID(transfer_syntax).name} failed ({error})"
+        if transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
+            raise UndecodablePixelDataError(f"{message}; check that the file is complete") from error
         raise PixelDataError(
-            f"{name}: decoding pixel data with transfer syntax {UID(transfer_syntax).name} "
-            f"failed ({error}); {advice}"
+            f"{message}; check that the file is complete and that pylibjpeg and its plugins are installed"
         ) from error
     return np.asarray(pixels).reshape(frames, int(dataset.Rows), int(dataset.Columns))
 

@@ -31,6 +31,10 @@ class PixelDataError(SeriesError):
     """Pixel data is missing, cannot be decoded, lacks rescale values, or is lossy compressed."""
 
 
+class UndecodablePixelDataError(PixelDataError):
+    """Uncompressed pixel data that fails to decode, as in a file cut short."""
+
+
 class ProtocolRefusedError(SeriesError):
     """The acquisition breaks a protocol rule whose policy is "refuse" (contrast, kVp, thickness)."""
 

@@ -67,6 +67,7 @@ from scoring.errors import (
     MissingUIDError,
     NoEligibleSeriesError,
     SeriesError,
+    UndecodablePixelDataError,
 )
 from scoring.protocol import check_header_protocol, check_protocol, kvp_of, validate_policy
 from scoring.slice_geometry import (
@@ -551,16 +552,29 @@ def _mass_calibration_factor(header: Dataset) -> float | None:
     return factor
 
 
-def _decode_volume(ordered: Sequence[SliceRecord], instances: Sequence[_Instance]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every plane in volume order; return float32 HU and the padding mask."""
+def _decode_volume(
+    ordered: Sequence[SliceRecord], instances: Sequence[_Instance], drops: _DropLog
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every plane in volume order; return float32 HU and the padding mask.
+
+    Files whose uncompressed pixel data fails to decode are damaged instances:
+    all of them are reported together in one DamagedInstanceError.
+    """
     stored_by_instance: dict[int, np.ndarray] = {}
     first = ordered[0]
     hu = np.empty((len(ordered), first.rows, first.columns), dtype=np.float32)
     padding_mask = np.empty(hu.shape, dtype=bool)
+    for instance_index in dict.fromkeys(record.instance_index for record in ordered):
+        instance = instances[instance_index]
+        try:
+            stored_by_instance[instance_index] = decode_stored_values(instance.dataset, instance.name)
+        except UndecodablePixelDataError as error:
+            if instance.path is None:
+                raise
+            drops.damaged.append(DamagedInstanceError(str(error), instance.path))
+    drops.raise_damaged()
     for slice_index, record in enumerate(ordered):
         instance = instances[record.instance_index]
-        if record.instance_index not in stored_by_instance:
-            stored_by_instance[record.instance_index] = decode_stored_values(instance.dataset, instance.name)
         frame_index = 0 if record.frame_number is None else record.frame_number - 1
         stored = stored_by_instance[record.instance_index][frame_index]
         padding = padding_range(instance.dataset)
@@ -621,7 +635,7 @@ def load_series(
     check_consistent(records, series)
     ordered, increment = sort_and_measure(records, series)
 
-    hu, padding_mask = _decode_volume(ordered, instances)
+    hu, padding_mask = _decode_volume(ordered, instances, drops)
     first = ordered[0]
 
     # One header per instance, in the order its first plane appears in the volume.

@@ -304,8 +304,9 @@ def _check_matrix_sizes(records: Sequence[SliceRecord], series: str) -> None:
         for record in others[:MAX_NAMED_SLICES]
     )
     more = f"; and {len(others) - MAX_NAMED_SLICES} more" if len(others) > MAX_NAMED_SLICES else ""
+    verb = "differs" if len(others) == 1 else "differ"
     raise InconsistentGeometryError(
-        f"series {series}: {count} slice(s) have {rows} x {columns} pixels, {len(others)} differ ({named}{more}); "
+        f"series {series}: {count} slice(s) have {rows} x {columns} pixels, {len(others)} {verb} ({named}{more}); "
         "every slice of a series must have the same Rows and Columns; re-send one reconstruction"
     )
 

@@ -79,7 +79,9 @@ def test_parse_settings_invalid_toml_names_line(tmp_path: Path) -> None:
 
 
 def test_load_settings_missing_file_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read the settings file"):
+    with pytest.raises(ConfigError, match=r"cannot read the settings file \(No such file or directory\); "
+                                          r"check the path given with --config, else in \$CACS_NODE_CONFIG, "
+                                          r"else ./node.toml"):
         load_settings(tmp_path / "absent.toml")
 
 

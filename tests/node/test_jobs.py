@@ -26,6 +26,7 @@ from node.jobs import DONE, FAILED, RECEIVED, REFUSED, InstanceRecord, Job, JobS
 from node.pipeline import ScoringPipeline
 from node.scheduler import CompletionScheduler
 from node.server import NodeServer
+from node.worker import cli_command
 from node.storage import InstanceStore
 from scoring.errors import NoEligibleSeriesError, SliceSpacingError
 from tests.factories import make_ct_datasets
@@ -449,8 +450,11 @@ def test_damaged_instance_set_aside_by_retry(
         job = store.jobs_of_series(str(datasets[0].SeriesInstanceUID))[0]
         assert job.state == REFUSED
         assert "is a CT image without PixelData (7FE0,0010)" in job.reason
-        advice = f"cacs-node retry --config {config} {job.id} --remove-instance {damaged_uid}"
-        assert job.reason.endswith(f"To score the series without the damaged instance(s), run `{advice}`")
+        advice = f"{cli_command()} retry --config {config} {job.id} --remove-instance {damaged_uid}"
+        assert f"To score the series without the damaged instance(s), run `{advice}`. " in job.reason
+        assert job.reason.endswith("without a middle slice the series has a gap")
+        # The command is the one installed beside the running Python, so it runs outside the virtual environment.
+        assert Path(cli_command()).is_file()
         stored = store.find_instance(damaged_uid)
         assert stored is not None
         stored_bytes = server.store.absolute(stored.path).read_bytes()
@@ -492,7 +496,7 @@ def test_damaged_instances_named_in_one_reason(settings: NodeSettings, damaged_i
     else:
         options = " ".join(f"--remove-instance {datasets[index].SOPInstanceUID}" for index in sorted(
             damaged_indices, key=lambda index: str(datasets[index].SOPInstanceUID)))
-        assert job.reason.endswith(f"run `cacs-node retry {job.id} {options}`")
+        assert f"run `{cli_command()} retry {job.id} {options}`. " in job.reason
 
 
 @pytest.mark.parametrize("option", ["--keep-stored", "--take-new"])

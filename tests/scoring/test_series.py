@@ -223,7 +223,7 @@ def test_load_series_duplicate_file_copy_dropped(tmp_path: Path) -> None:
         # 700 bytes end before (7FE0,0010).
         (700, DamagedInstanceError, "is a CT image without PixelData"),
         # All but the last 500 of 2048 pixel bytes.
-        (-500, PixelDataError, r"less than expected \(1548 vs 2048 bytes\).*; check that the file is complete$"),
+        (-500, DamagedInstanceError, r"less than expected \(1548 vs 2048 bytes\).*; check that the file is complete$"),
     ],
     ids=["preamble-only", "inside-header", "before-pixels", "inside-pixels"],
 )
@@ -398,7 +398,7 @@ def _with_smaller_slices(count: int, smaller: int) -> tuple[list[Dataset], list[
 def test_load_series_mismatched_rows_raises() -> None:
     datasets, other = _with_smaller_slices(3, 1)
     with pytest.raises(InconsistentGeometryError,
-                       match=rf"3 slice\(s\) have 32 x 32 pixels, 1 differ \(instance {other[0].SOPInstanceUID} "
+                       match=rf"3 slice\(s\) have 32 x 32 pixels, 1 differs \(instance {other[0].SOPInstanceUID} "
                              r"at \[0, 0, 9\]: 16 x 32\); every slice"):
         load_series(datasets + other)
 
