@@ -33,7 +33,9 @@ Steps of `load_series`:
    "refuse" (kVp, contrast, body part), before any geometry error.
 7. Check and sort the slice geometry (`scoring.slice_geometry`), decode the
    pixels and convert to HU (`scoring.dicom_pixels`), and check the protocol
-   (`scoring.protocol`).
+   (`scoring.protocol`). A file whose Image Plane or rescale attributes are
+   missing or invalid, or whose uncompressed pixel data is cut short, is
+   also a damaged instance (DamagedInstanceError, naming every such file).
 """
 
 from __future__ import annotations
@@ -63,9 +65,11 @@ from scoring.dicom_pixels import (
 from scoring.errors import (
     AmbiguousSeriesError,
     DamagedInstanceError,
+    InconsistentGeometryError,
     InconsistentIdentityError,
     MissingUIDError,
     NoEligibleSeriesError,
+    PixelDataError,
     SeriesError,
     UndecodablePixelDataError,
 )
@@ -530,13 +534,25 @@ def check_identity(instances: Sequence[Dataset], series: str) -> None:
         )
 
 
-def _slice_records(instances: Sequence[_Instance]) -> list[SliceRecord]:
+def _slice_records(instances: Sequence[_Instance], drops: _DropLog) -> list[SliceRecord]:
+    """Return the image planes of every instance.
+
+    An instance read from a file whose Image Plane or rescale attributes are
+    missing or invalid is a damaged instance: all of them are reported
+    together in one DamagedInstanceError.
+    """
     records: list[SliceRecord] = []
     for index, instance in enumerate(instances):
-        if instance.sop_class_uid == CT_IMAGE_STORAGE:
-            records.append(single_frame_record(instance.dataset, index, instance.name))
-        else:
-            records.extend(multi_frame_records(instance.dataset, index, instance.name))
+        try:
+            if instance.sop_class_uid == CT_IMAGE_STORAGE:
+                records.append(single_frame_record(instance.dataset, index, instance.name))
+            else:
+                records.extend(multi_frame_records(instance.dataset, index, instance.name))
+        except (InconsistentGeometryError, PixelDataError) as error:
+            if instance.path is None:
+                raise
+            drops.damaged.append(DamagedInstanceError(str(error), instance.path))
+    drops.raise_damaged()
     return records
 
 
@@ -631,7 +647,7 @@ def load_series(
     for instance in instances:
         check_lossless(instance.dataset, instance.transfer_syntax, instance.name)
 
-    records = _slice_records(instances)
+    records = _slice_records(instances, drops)
     check_consistent(records, series)
     ordered, increment = sort_and_measure(records, series)
 

@@ -255,6 +255,27 @@ def test_load_series_names_every_damaged_file(tmp_path: Path) -> None:
     assert sorted(raised.value.paths) == [files[0], files[2]]
 
 
+def test_load_series_invalid_headers_damaged(tmp_path: Path) -> None:
+    make_series_dir(tmp_path, blank_hu(slices=4), uid_seed="bad-headers")
+    files = sorted(tmp_path.iterdir())
+    without_position = pydicom.dcmread(files[0])
+    del without_position.ImagePositionPatient
+    without_position.save_as(files[0])
+    zero_slope = pydicom.dcmread(files[3])
+    zero_slope.RescaleSlope = 0
+    zero_slope.save_as(files[3])
+
+    # Header faults of single files are damaged instances, so the node can offer to set them aside.
+    with pytest.raises(DamagedInstanceError) as raised:
+        load_series(tmp_path)
+    message = str(raised.value)
+    assert message.startswith("2 instances are damaged: ")
+    assert f"instance {without_position.SOPInstanceUID} has no ImagePositionPatient" in message
+    assert f"instance {zero_slope.SOPInstanceUID}" in message
+    assert "RescaleSlope 0" in message
+    assert sorted(raised.value.paths) == [files[0], files[3]]
+
+
 @pytest.mark.parametrize("kept_bytes", [0, 100], ids=["empty", "100-bytes"])
 def test_load_series_short_dcm_file_raises(tmp_path: Path, kept_bytes: int) -> None:
     make_series_dir(tmp_path, blank_hu(slices=3), uid_seed="short")
