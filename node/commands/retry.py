@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -121,7 +123,7 @@ def retry_job(
             resolved = _resolve_conflict(store, jobs, job.series_instance_uid, take_new=take_new)
 
         if remove:
-            set_aside = _set_aside(store, jobs, job_id, job.series_instance_uid, remove)
+            set_aside = _set_aside(store, jobs, job_id, job.series_instance_uid, remove, settings.path)
             resolved = f"{resolved} and {set_aside}" if resolved else set_aside
 
         resend_only = job.state == FAILED and not force and not resolved and _outputs_present(store, jobs, job_id)
@@ -165,15 +167,22 @@ def _resolve_conflict(store: InstanceStore, jobs: JobStore, series_uid: str, *, 
     return f"kept the stored copies and deleted {len(conflicts)} re-sent copy(ies)"
 
 
-def _set_aside(store: InstanceStore, jobs: JobStore, job_id: int, series_uid: str, remove: Sequence[str]) -> str:
-    """Move the instances `remove` of a series to the removed folder and unregister them; describe what was done."""
+def _set_aside(
+    store: InstanceStore, jobs: JobStore, job_id: int, series_uid: str, remove: Sequence[str],
+    settings_path: Path | None,
+) -> str:
+    """Move the instances `remove` of a series to the removed folder and unregister them; describe what was done.
+
+    settings_path: the settings file, named in the status command that errors suggest.
+    """
     uids = list(dict.fromkeys(uid.strip() for uid in remove))
     stored = {record.sop_instance_uid for record in jobs.series_instances(series_uid)}
     unknown = [uid for uid in uids if uid not in stored]
+    config = f" --config {shlex.quote(str(settings_path))}" if settings_path else ""
     if unknown:
         raise RetryError(
             f"job {job_id}: series {series_uid} has no stored instance {', '.join(unknown)}; "
-            f"`cacs-node status {job_id}` names the series and its refusal reason names the instance"
+            f"`cacs-node status{config} {job_id}` names the series and its refusal reason names the instance"
         )
     if len(uids) == len(stored):
         raise RetryError(

@@ -461,6 +461,9 @@ def test_damaged_instance_set_aside_by_retry(
 
         with pytest.raises(RetryError, match=f"has no stored instance 1.2.3.4; `cacs-node status {job.id}`"):
             retry_job(settings, job.id, remove=["1.2.3.4"])
+        # Settings read from a file: the suggested command names it.
+        with pytest.raises(RetryError, match=f"`cacs-node status --config {config} {job.id}` names the series"):
+            retry_job(dataclasses.replace(settings, path=config), job.id, remove=["1.2.3.4"])
         all_uids = [str(dataset.SOPInstanceUID) for dataset in datasets]
         with pytest.raises(RetryError, match="removing 5 instance\\(s\\) would leave series .* empty"):
             retry_job(settings, job.id, remove=all_uids)
