@@ -31,7 +31,6 @@ from scoring.errors import DamagedInstanceError, NoEligibleSeriesError, SeriesEr
 logger = logging.getLogger(__name__)
 
 
-
 def cli_command() -> str:
     """Return the path of the cacs-node command installed beside this Python, else the bare name.
 
@@ -39,6 +38,7 @@ def cli_command() -> str:
     """
     installed = Path(sys.executable).parent / "cacs-node"
     return str(installed) if installed.is_file() else "cacs-node"
+
 
 class JobRunner:
     """Runs submitted jobs on one worker thread.

@@ -239,6 +239,13 @@ def test_load_series_truncated_file_raises(tmp_path: Path, kept_bytes: int, erro
         assert raised.value.paths == (damaged,)
 
 
+def _damaged_error(folder: Path) -> DamagedInstanceError:
+    """Return the DamagedInstanceError that loading `folder` raises."""
+    with pytest.raises(DamagedInstanceError) as raised:
+        load_series(folder)
+    return raised.value
+
+
 def test_load_series_names_every_damaged_file(tmp_path: Path) -> None:
     make_series_dir(tmp_path, blank_hu(slices=4), uid_seed="two-damaged")
     files = sorted(tmp_path.iterdir())
@@ -246,13 +253,12 @@ def test_load_series_names_every_damaged_file(tmp_path: Path) -> None:
     files[2].write_bytes(files[2].read_bytes()[:132])
 
     # One refusal names both files, so the operator does not fix them one by one.
-    with pytest.raises(DamagedInstanceError) as raised:
-        load_series(tmp_path)
-    message = str(raised.value)
+    error = _damaged_error(tmp_path)
+    message = str(error)
     assert message.startswith("2 instances are damaged: file ")
     assert f"file {files[0]} has a DICOM file name suffix but has only 0 bytes" in message
     assert f"file {files[2]} has a DICOM prefix but no data elements" in message
-    assert sorted(raised.value.paths) == [files[0], files[2]]
+    assert sorted(error.paths) == [files[0], files[2]]
 
 
 def test_load_series_invalid_headers_damaged(tmp_path: Path) -> None:
@@ -266,14 +272,13 @@ def test_load_series_invalid_headers_damaged(tmp_path: Path) -> None:
     zero_slope.save_as(files[3])
 
     # Header faults of single files are damaged instances, so the node can offer to set them aside.
-    with pytest.raises(DamagedInstanceError) as raised:
-        load_series(tmp_path)
-    message = str(raised.value)
+    error = _damaged_error(tmp_path)
+    message = str(error)
     assert message.startswith("2 instances are damaged: ")
     assert f"instance {without_position.SOPInstanceUID} has no ImagePositionPatient" in message
     assert f"instance {zero_slope.SOPInstanceUID}" in message
     assert "RescaleSlope 0" in message
-    assert sorted(raised.value.paths) == [files[0], files[3]]
+    assert sorted(error.paths) == [files[0], files[3]]
 
 
 @pytest.mark.parametrize("kept_bytes", [0, 100], ids=["empty", "100-bytes"])
