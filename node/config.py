@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -322,6 +323,11 @@ def _free_space_mb(root: Path) -> int | None:
             except OSError:
                 return None
     return None
+
+
+def config_option(path: Path | None) -> str:
+    """Return " --config PATH", quoted for a shell, for commands that messages suggest, or "" without a path."""
+    return f" --config {shlex.quote(str(path))}" if path is not None else ""
 
 
 def default_config_path() -> Path:

@@ -486,6 +486,8 @@ class StorageSCP:
                 error,
             )
             return _failure(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(error).__name__}"), "unparseable"
+        # NOTE: the series is still scored from its other instances, and no output
+        # flags a rejected instance. A rejected end slice therefore goes unnoticed.
         try:
             _check_pixel_data(dataset, transfer_syntax)
         except (ValueError, TypeError) as error:

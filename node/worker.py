@@ -19,7 +19,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.config import NOTICE, Destination, NodeSettings
+from node.config import NOTICE, Destination, NodeSettings, config_option
 from node.jobs import (
     DONE, FAILED, REFUSED, SCORING, SENDING, WRITING, InstanceRecord, Job, JobStore, series_fingerprint,
     with_job_id,
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def cli_command() -> str:
     """Return the path of the cacs-node command installed beside this Python, else the bare name.
 
-    Job reasons give commands to paste; under systemd the virtual environment is not on PATH.
+    Job reasons suggest commands to paste, and under systemd the virtual environment is not on PATH.
     """
     installed = Path(sys.executable).parent / "cacs-node"
     return str(installed) if installed.is_file() else "cacs-node"
@@ -254,7 +254,7 @@ class JobRunner:
             return str(error)
         if len(uids) == len(instances):
             return f"{error}. Every instance of the series is damaged: re-send the series"
-        config = f" --config {shlex.quote(str(self.settings.path))}" if self.settings.path else ""
+        config = config_option(self.settings.path)
         options = " ".join(f"--remove-instance {uid}" for uid in uids)
         return (f"{error}. To score the series without the damaged instance(s), run "
                 f"`{shlex.quote(cli_command())} retry{config} {job.id} {options}`. "

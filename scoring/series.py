@@ -571,7 +571,7 @@ def _mass_calibration_factor(header: Dataset) -> float | None:
 def _decode_volume(
     ordered: Sequence[SliceRecord], instances: Sequence[_Instance], drops: _DropLog
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every plane in volume order; return float32 HU and the padding mask.
+    """Decode every plane in volume order and return float32 HU and the padding mask.
 
     Files whose uncompressed pixel data fails to decode are damaged instances:
     all of them are reported together in one DamagedInstanceError.

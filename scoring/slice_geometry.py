@@ -120,6 +120,8 @@ def _rescale(item: Dataset | None, name: str) -> tuple[float, float]:
             "to HU, and the loader does not assume 1 and 0; fix the export on the scanner or PACS"
         )
     slope_value, intercept_value = float(slope), float(intercept)
+    # NOTE: only a zero slope is rejected. A single slice with an implausible slope
+    # (100 where the others have 1) is scored as it stands.
     if slope_value == 0.0:
         raise PixelDataError(f"{name} has RescaleSlope 0, which maps every pixel to one HU value; the header is invalid")
     return slope_value, intercept_value

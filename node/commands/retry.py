@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,18 +170,20 @@ def _set_aside(
     store: InstanceStore, jobs: JobStore, job_id: int, series_uid: str, remove: Sequence[str],
     settings_path: Path | None,
 ) -> str:
-    """Move the instances `remove` of a series to the removed folder and unregister them; describe what was done.
+    """Move the instances `remove` of a series to the removed folder, unregister them and describe what was done.
 
-    settings_path: the settings file, named in the status command that errors suggest.
+    settings_path: the settings file to name in the status command that errors suggest.
     """
+    from node.config import config_option
+
     uids = list(dict.fromkeys(uid.strip() for uid in remove))
     stored = {record.sop_instance_uid for record in jobs.series_instances(series_uid)}
     unknown = [uid for uid in uids if uid not in stored]
-    config = f" --config {shlex.quote(str(settings_path))}" if settings_path else ""
     if unknown:
         raise RetryError(
             f"job {job_id}: series {series_uid} has no stored instance {', '.join(unknown)}; "
-            f"`cacs-node status{config} {job_id}` names the series and its refusal reason names the instance"
+            f"`cacs-node status{config_option(settings_path)} {job_id}` names the series "
+            "and its refusal reason names the instance"
         )
     if len(uids) == len(stored):
         raise RetryError(

@@ -21,7 +21,7 @@ def test_load_settings_shipped_file_matches_defaults() -> None:
     assert [(peer.ae_title, peer.host) for peer in settings.peers] == [("SCANNER", "127.0.0.1")]
     assert settings.destinations[0].outputs == frozenset({"seg", "sr", "summary"})
     assert settings.destinations[0].retry_backoff_s == 10.0
-    # The file is remembered, so messages can name it; built settings have none.
+    # Settings read from a file keep its path, so messages can name it. Settings built in code have none.
     assert settings.path == (REPOSITORY_ROOT / "node.toml").resolve()
     assert defaults.path is None
 

@@ -131,7 +131,7 @@ def test_open_job_for_series_unstarted_job_absorbs_instances(tmp_path: Path) -> 
 
 
 def test_series_split_over_three_associations_scored_once(tmp_path: Path, pipeline: FakePipeline) -> None:
-    # A quiet period of 3 s, so that pauses between associations on a loaded test machine stay shorter.
+    # The quiet period is 3 s, so the pauses between associations stay shorter even on a loaded test machine.
     settings = make_settings(tmp_path / "storage", destinations=(PACS, ARCHIVE), quiet_period_s=3.0)
     node = NodeServer(settings, pipeline=pipeline)
     node.start()

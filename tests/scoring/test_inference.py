@@ -229,10 +229,10 @@ def test_score_command_missing_model_exits_with_model_error(
     assert "missing.pt not found" in capsys.readouterr().err
 
 
-#: Held-out phantom seed of the shipped-model check: outside the training seeds
-#: 0-199 and the validation seeds 1000-1011 listed in scoring/models/MODEL_CARD.md.
-#: Its true score is 23.4 (risk II), from two small lesions near non-coronary
-#: calcium of the aortic wall and mitral annulus.
+#: Held-out phantom seed of the shipped-model check, outside the training and
+#: validation seeds listed in scoring/models/MODEL_CARD.md. Its series has two
+#: small coronary lesions (true score 23.4, risk II) near non-coronary calcium
+#: of the aortic wall and mitral annulus.
 HELD_OUT_SEED = 2000
 
 # NOTE: the shipped model passes on this seed partly through offsetting errors.
